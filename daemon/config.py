@@ -1,0 +1,262 @@
+"""A3X configuration: defaults that work with no file, a TOML file, environment overrides.
+
+Precedence, lowest to highest: built-in defaults, the TOML file
+(`~/.config/a3x/config.toml` or `--config`/`A3X_CONFIG`), environment
+variables `A3X_<SECTION>__<KEY>` (for example `A3X_MODEL__PATH`), then
+`A3X_HOME` and the command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+DEFAULT_CONFIG_PATH = Path("~/.config/a3x/config.toml")
+DEFAULT_HOME = Path("~/.local/share/a3x")
+ENV_PREFIX = "A3X_"
+
+
+class ConfigError(Exception):
+    """The configuration file or an environment override is invalid."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: Path | None = None  # None: the bundled Gemma 3 270M Q4_K_M
+    backend: str = "llama_cpp"  # "llama_cpp" or "transformers"
+    n_ctx: int = 2048
+    threads: int = 0  # 0: one per available core
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    interval_minutes: float = 60.0
+    run_on_start: bool = False
+    misfire_grace_seconds: int = 600
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    books: tuple[Path, ...] = ()  # empty: the shipped default book
+    max_per_cycle: int = 0  # 0: every due task
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    # An answer counts as repetitive when fewer than this share of its word
+    # bigrams are distinct (the answer must have at least 8 words).
+    repetition_distinct_min: float = 0.5
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path = DEFAULT_HOME
+    model: ModelConfig = field(default_factory=ModelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    source: Path | None = None  # the file this was read from, if any
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "schedule": ScheduleConfig,
+    "tasks": TasksConfig,
+    "score": ScoreConfig,
+}
+BACKENDS = ("llama_cpp", "transformers")
+
+
+def load_config(
+    path: Path | None = None,
+    home: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration from defaults, an optional file and the environment."""
+    environ = os.environ if environ is None else environ
+    explicit = path or (Path(environ["A3X_CONFIG"]) if environ.get("A3X_CONFIG") else None)
+    file_path = (explicit or DEFAULT_CONFIG_PATH).expanduser()
+
+    raw: dict[str, Any] = {}
+    if file_path.exists():
+        raw = _read_toml(file_path)
+    elif explicit is not None:
+        raise ConfigError(f"config file {file_path} does not exist; create it or drop --config")
+    source = file_path if file_path.exists() else None
+
+    _apply_environment(raw, environ)
+    config = _build(raw, source)
+
+    home_override = home or (Path(environ["A3X_HOME"]) if environ.get("A3X_HOME") else None)
+    if home_override is not None:
+        config = dataclasses.replace(config, home=home_override)
+    config = dataclasses.replace(config, home=config.home.expanduser().absolute())
+    _validate(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from error
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from error
+
+
+def _apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"environment variable {name} names unknown section '{section}'; "
+                f"known sections: {', '.join(SECTIONS)}"
+            )
+        raw.setdefault(section, {})[key] = _EnvValue(name, value)
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    """A string from the environment, converted to the field's type on build."""
+
+    variable: str
+    text: str
+
+
+def _build(raw: dict[str, Any], source: Path | None) -> Config:
+    where = str(source) if source else "configuration"
+    unknown = set(raw) - set(SECTIONS) - {"home"}
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"valid top-level keys: home, {', '.join(SECTIONS)}"
+        )
+    sections = {}
+    for name, cls in SECTIONS.items():
+        table = raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [{name}] must be a table, got {table!r}")
+        sections[name] = _build_section(cls, table, f"{where}: [{name}]", source)
+    home = raw.get("home")
+    kwargs: dict[str, Any] = dict(sections)
+    if home is not None:
+        kwargs["home"] = _convert(Path, home, f"{where}: home", source)
+    return Config(source=source, **kwargs)
+
+
+def _build_section(cls: type, table: dict[str, Any], where: str, source: Path | None) -> Any:
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in names:
+            origin = value.variable if isinstance(value, _EnvValue) else where
+            raise ConfigError(
+                f"{origin}: unknown key '{key}'; valid keys: {', '.join(sorted(names))}"
+            )
+        values[key] = _convert(hints[key], value, f"{where} {key}", source)
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, where: str, source: Path | None) -> Any:
+    if isinstance(value, _EnvValue):
+        where, value = value.variable, _parse_env_text(hint, value.text)
+    origin = get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None or value == "":
+            return None
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+        origin = get_origin(hint)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [part for part in value.split(os.pathsep) if part]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = get_args(hint)[:1]
+        return tuple(_convert(item, v, where, source) for v in value)
+    if hint is Path:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{where} must be a path string, got {value!r}")
+        path = Path(value).expanduser()
+        if not path.is_absolute() and source is not None:
+            path = source.parent / path  # relative paths are relative to the file
+        return path
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported setting type {hint!r}")
+
+
+def _parse_env_text(hint: Any, text: str) -> Any:
+    """Turn an environment string into the TOML-like value the field expects."""
+    base = hint
+    if get_origin(hint) in (Union, types.UnionType):
+        base = next(arg for arg in get_args(hint) if arg is not type(None))
+    if base is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        return text
+    if base in (int, float):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+    return text
+
+
+def _validate(config: Config) -> None:
+    where = str(config.source) if config.source else "configuration"
+    if config.model.backend not in BACKENDS:
+        raise ConfigError(
+            f"{where}: [model] backend '{config.model.backend}' is unknown; "
+            f"use one of: {', '.join(BACKENDS)}"
+        )
+    checks = [
+        (config.model.n_ctx >= 128, "[model] n_ctx must be at least 128"),
+        (config.model.threads >= 0, "[model] threads must be 0 (all cores) or more"),
+        (config.schedule.interval_minutes > 0, "[schedule] interval_minutes must be above 0"),
+        (config.tasks.max_per_cycle >= 0, "[tasks] max_per_cycle must be 0 (all) or more"),
+        (
+            0.0 <= config.score.repetition_distinct_min <= 1.0,
+            "[score] repetition_distinct_min must be between 0 and 1",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{where}: {message}")
+
+
+def thread_count(config: ModelConfig) -> int:
+    """Threads for inference: the configured count, or the cores this process may use."""
+    if config.threads > 0:
+        return config.threads
+    return max(1, len(os.sched_getaffinity(0)))

@@ -1,0 +1,189 @@
+"""`state.sqlite`: cycles and task runs, in WAL mode with a versioned schema.
+
+A cycle row is inserted with outcome 'running' before any work starts and
+updated when the cycle ends, so a row still 'running' at the next start
+marks a cycle that was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.records import Outcome, Run
+
+STATE_SCHEMA_VERSION = 1
+
+# Migration N brings the schema from version N-1 to N.
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE cycles (
+        id INTEGER PRIMARY KEY,
+        started_at TEXT NOT NULL,
+        finished_at TEXT,
+        trigger TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        summary TEXT NOT NULL DEFAULT '',
+        journal_commit TEXT
+    );
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        cycle_id INTEGER NOT NULL REFERENCES cycles(id),
+        task_id TEXT NOT NULL,
+        domain TEXT NOT NULL,
+        language TEXT NOT NULL,
+        sample_index INTEGER NOT NULL DEFAULT 0,
+        prompt TEXT NOT NULL,
+        text TEXT NOT NULL,
+        prompt_tokens INTEGER NOT NULL,
+        completion_tokens INTEGER NOT NULL,
+        wall_seconds REAL NOT NULL,
+        tokens_per_second REAL NOT NULL,
+        finish_reason TEXT NOT NULL,
+        rss_bytes INTEGER NOT NULL,
+        peak_rss_bytes INTEGER NOT NULL,
+        adapters TEXT NOT NULL DEFAULT '[]',
+        error TEXT
+    );
+    CREATE INDEX runs_by_task ON runs(task_id, cycle_id);
+    CREATE INDEX runs_by_domain ON runs(domain, cycle_id);
+    """,
+}
+
+
+class StateError(Exception):
+    """state.sqlite cannot be opened, is corrupt, or has an unknown schema version."""
+
+
+@dataclass(frozen=True)
+class CycleRow:
+    id: int
+    started_at: str
+    finished_at: str | None
+    trigger: str
+    outcome: str
+    summary: str
+    journal_commit: str | None
+
+
+class StateStore:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.connection = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+            self.connection.row_factory = sqlite3.Row
+            self.connection.execute("PRAGMA journal_mode=WAL")
+            self.connection.execute("PRAGMA synchronous=FULL")
+            self.connection.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as error:
+            raise StateError(
+                f"{path} cannot be opened as SQLite ({error}); move it aside to start a fresh "
+                "state (the journal keeps every cycle record)"
+            ) from error
+
+    def close(self) -> None:
+        self.connection.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.connection
+        except BaseException:
+            self.connection.execute("ROLLBACK")
+            raise
+        self.connection.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        version = self.connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > STATE_SCHEMA_VERSION:
+            raise StateError(
+                f"{self.path} has schema version {version}, but this A3X supports up to "
+                f"{STATE_SCHEMA_VERSION}; upgrade A3X"
+            )
+        for target in range(version + 1, STATE_SCHEMA_VERSION + 1):
+            with self.transaction() as db:
+                for statement in MIGRATIONS[target].split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                db.execute(f"PRAGMA user_version = {target}")
+
+    def begin_cycle(self, started_at: str, trigger: str) -> int:
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO cycles (started_at, trigger, outcome) VALUES (?, ?, 'running')",
+                (started_at, trigger),
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    def finish_cycle(
+        self, cycle_id: int, finished_at: str, outcome: Outcome, summary: str, runs: Sequence[Run]
+    ) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                """INSERT INTO runs (cycle_id, task_id, domain, language, sample_index, prompt,
+                text, prompt_tokens, completion_tokens, wall_seconds, tokens_per_second,
+                finish_reason, rss_bytes, peak_rss_bytes, adapters, error)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [_run_row(cycle_id, run) for run in runs],
+            )
+            db.execute(
+                "UPDATE cycles SET finished_at = ?, outcome = ?, summary = ? WHERE id = ?",
+                (finished_at, outcome.value, summary, cycle_id),
+            )
+
+    def set_journal_commit(self, cycle_id: int, commit: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE cycles SET journal_commit = ? WHERE id = ?", (commit, cycle_id))
+
+    def unfinished_cycles(self) -> list[CycleRow]:
+        rows = self.connection.execute(
+            "SELECT * FROM cycles WHERE outcome = 'running' ORDER BY id"
+        ).fetchall()
+        return [CycleRow(**dict(row)) for row in rows]
+
+    def last_cycle(self) -> CycleRow | None:
+        row = self.connection.execute("SELECT * FROM cycles ORDER BY id DESC LIMIT 1").fetchone()
+        return CycleRow(**dict(row)) if row else None
+
+    def cycle_count(self) -> int:
+        return int(self.connection.execute("SELECT count(*) FROM cycles").fetchone()[0])
+
+    def last_run_cycles(self) -> dict[str, int]:
+        """The last cycle in which each task ran, by task id."""
+        rows = self.connection.execute(
+            "SELECT task_id, max(cycle_id) AS cycle_id FROM runs GROUP BY task_id"
+        ).fetchall()
+        return {row["task_id"]: row["cycle_id"] for row in rows}
+
+    def runs_of_cycle(self, cycle_id: int) -> list[sqlite3.Row]:
+        return self.connection.execute(
+            "SELECT * FROM runs WHERE cycle_id = ? ORDER BY id", (cycle_id,)
+        ).fetchall()
+
+
+def _run_row(cycle_id: int, run: Run) -> tuple:
+    return (
+        cycle_id,
+        run.task_id,
+        run.domain,
+        run.language,
+        run.sample_index,
+        run.prompt,
+        run.text,
+        run.prompt_tokens,
+        run.completion_tokens,
+        run.wall_seconds,
+        run.tokens_per_second,
+        run.finish_reason,
+        run.rss_bytes,
+        run.peak_rss_bytes,
+        json.dumps(list(run.adapters)),
+        run.error,
+    )

@@ -1,0 +1,263 @@
+"""The transformers backend: a GGUF file dequantized to torch, or a Hugging Face folder.
+
+Loading a GGUF file through transformers takes one to two minutes on a small
+CPU (most of it converting the tokenizer), so the dequantized weights and the
+tokenizer are saved once under `cache/dequantized/<sha256>/` and later loads
+read that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+import torch
+
+from runtime.backend import ActiveAdapter, Generation, LogLikelihood, MemoryUsage, SamplingParams
+from runtime.gguf_file import ModelFileError, check_model_file, sha256_of_file
+from runtime.memory import process_memory
+
+log = structlog.get_logger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+SCORE_CHUNK_TOKENS = 64  # positions per lm_head call when scoring a text
+
+
+class AdapterLoadError(Exception):
+    """A PEFT adapter folder cannot be loaded on this model."""
+
+
+def dequantized_folder(gguf_path: Path, cache_dir: Path, sha256: str | None = None) -> Path:
+    """Return a Hugging Face folder with the GGUF file's weights and tokenizer, building it once."""
+    sha256 = sha256 or sha256_of_file(gguf_path)
+    folder = cache_dir / "dequantized" / sha256
+    marker = folder / "a3x-cache.json"
+    if marker.exists():
+        stored = json.loads(marker.read_text())
+        if stored.get("format_version") == CACHE_FORMAT_VERSION:
+            return folder
+        shutil.rmtree(folder)  # written by another A3X version; rebuild it
+    check_model_file(gguf_path)
+    return _build_dequantized(gguf_path, folder, sha256)
+
+
+def _build_dequantized(gguf_path: Path, folder: Path, sha256: str) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    log.info("model.dequantizing", path=str(gguf_path), cache=str(folder))
+    staging = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        _save_model(model, staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "a3x-cache.json").write_text(
+            json.dumps({"format_version": CACHE_FORMAT_VERSION, "source": str(gguf_path),
+                        "sha256": sha256})
+        )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, folder)
+    except Exception as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelFileError(
+            f"transformers could not load {gguf_path} ({type(error).__name__}: {error}); "
+            "use the llama_cpp backend for this file"
+        ) from error
+    log.info("model.dequantized", seconds=round(time.perf_counter() - started, 1))
+    return folder
+
+
+def _save_model(model: Any, folder: Path) -> None:
+    """Save config and weights. `save_pretrained` refuses GGUF-loaded models, so the
+    weights go through safetensors directly (it drops tied duplicates)."""
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True)
+    model.config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+class TransformersBackend:
+    name = "transformers"
+
+    def __init__(
+        self,
+        model_path: Path,
+        cache_dir: Path,
+        sha256: str | None = None,
+        threads: int = 2,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model_path = Path(model_path)
+        torch.set_num_threads(threads)
+        self.seed = seed
+        if self.model_path.is_dir():
+            folder = self.model_path
+        else:
+            folder = dequantized_folder(self.model_path, cache_dir, sha256)
+        self.folder = folder
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.base_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        self.base_model.eval()
+        self.model: Any = self.base_model  # a PeftModel once an adapter is loaded
+        self._base_scaling: dict[str, dict[str, float]] = {}  # module -> adapter -> scaling
+        self._loaded: dict[Path, str] = {}  # adapter folder -> adapter_name
+        self._active: tuple[ActiveAdapter, ...] = ()
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, params: SamplingParams) -> Generation:
+        started = time.perf_counter()
+        inputs = self.tokenizer(prompt, return_tensors="pt")
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        sampling: dict[str, Any] = {"do_sample": params.temperature > 0}
+        if params.temperature > 0:
+            sampling.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
+        if params.stop:
+            sampling["stopping_criteria"] = [_StopOnText(self.tokenizer, prompt_tokens, params.stop)]
+        torch.manual_seed(self.seed if params.seed is None else params.seed)
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=params.max_tokens,
+            repetition_penalty=params.repeat_penalty,
+            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+            **sampling,
+        )
+        new_tokens = output[0, prompt_tokens:]
+        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text, stopped = _cut_at_stop(text, params.stop)
+        ended = bool(len(new_tokens)) and int(new_tokens[-1]) == self.tokenizer.eos_token_id
+        finish = "stop" if stopped or ended or len(new_tokens) < params.max_tokens else "length"
+        return Generation(
+            text=text,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=int(len(new_tokens)),
+            wall_seconds=time.perf_counter() - started,
+            finish_reason=finish,
+        )
+
+    @torch.inference_mode()
+    def log_likelihood(self, text: str) -> LogLikelihood:
+        ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
+        if ids.shape[1] < 2:
+            return LogLikelihood(total=0.0, tokens=0)
+        # Logits over a 262k vocabulary are large, so the head runs on slices.
+        hidden = self.model.get_decoder()(input_ids=ids).last_hidden_state[0]
+        head = self.model.get_output_embeddings()
+        softcap = getattr(self.base_model.config, "final_logit_softcapping", None)
+        total = 0.0
+        for start in range(0, ids.shape[1] - 1, SCORE_CHUNK_TOKENS):
+            stop = min(start + SCORE_CHUNK_TOKENS, ids.shape[1] - 1)
+            logits = head(hidden[start:stop]).double()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            targets = ids[0, start + 1 : stop + 1]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            total += float(log_probs[torch.arange(len(targets)), targets].sum())
+        return LogLikelihood(total=total, tokens=int(ids.shape[1] - 1))
+
+    def set_adapters(self, adapters: Sequence[ActiveAdapter]) -> None:
+        adapters = tuple(adapters)
+        if adapters == self._active:
+            return
+        if not adapters:
+            if self.model is not self.base_model:
+                self.model.base_model.disable_adapter_layers()
+            self._active = ()
+            return
+        names = [self._load_adapter(adapter) for adapter in adapters]
+        self.model.base_model.enable_adapter_layers()
+        self.model.base_model.set_adapter(names if len(names) > 1 else names[0])
+        self._apply_scales({name: a.scale for name, a in zip(names, adapters, strict=True)})
+        self._active = adapters
+
+    def memory(self) -> MemoryUsage:
+        rss, peak = process_memory()
+        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        size = self.model_path.stat().st_size if self.model_path.is_file() else weights
+        return MemoryUsage(rss, peak, size, details={"parameter_bytes": weights})
+
+    def close(self) -> None:
+        self.model = None
+        self.base_model = None
+
+    def _load_adapter(self, adapter: ActiveAdapter) -> str:
+        from peft import PeftModel
+
+        path = Path(adapter.path)
+        if path in self._loaded:
+            return self._loaded[path]
+        if not (path / "adapter_config.json").exists():
+            raise AdapterLoadError(
+                f"{path} is not a PEFT adapter folder (no adapter_config.json); the transformers "
+                "backend loads PEFT folders, the llama_cpp backend loads GGUF adapters"
+            )
+        name = f"a{len(self._loaded)}_{adapter.adapter_name}".replace(".", "_")
+        try:
+            if self.model is self.base_model:
+                self.model = PeftModel.from_pretrained(self.base_model, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as error:
+            raise AdapterLoadError(f"PEFT could not load adapter {path} on {self.model_path}: {error}") from error
+        self.model.eval()
+        self._record_base_scaling(name)
+        self._loaded[path] = name
+        return name
+
+    def _record_base_scaling(self, name: str) -> None:
+        for module_name, module in self.model.named_modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and name in scaling:
+                self._base_scaling.setdefault(module_name, {})[name] = float(scaling[name])
+
+    def _apply_scales(self, scales: dict[str, float]) -> None:
+        for module_name, module in self.model.named_modules():
+            base = self._base_scaling.get(module_name)
+            if not base:
+                continue
+            for name, scale in scales.items():
+                if name in base:
+                    module.scaling[name] = base[name] * scale
+
+
+class _StopOnText:
+    """Stop generation once the decoded completion contains a stop string.
+
+    transformers' own `stop_strings` preprocesses the whole vocabulary on
+    every call, which costs seconds with Gemma's 262k tokens.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int, stops: Sequence[str]):
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.stops = tuple(stops)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        done = []
+        for row in input_ids:
+            text = self.tokenizer.decode(row[self.prompt_tokens :], skip_special_tokens=True)
+            done.append(any(stop in text for stop in self.stops))
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """Cut text before the first stop string, as llama.cpp does."""
+    positions = [text.find(stop) for stop in stops if stop in text]
+    if not positions:
+        return text, False
+    return text[: min(positions)], True

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny GGUF model, a small task book and configs that use them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from bench.tiny_model import TinyConfig, write_tiny_gguf
+from daemon.config import Config, ModelConfig, ScheduleConfig, TasksConfig
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 0.5 MB random Llama model in F32; llama.cpp loads it in milliseconds."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyConfig(seed=0))
+
+
+@pytest.fixture
+def small_book() -> Path:
+    return DATA / "small_book.toml"
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_gguf: Path, small_book: Path) -> Config:
+    """A config whose home is a fresh temporary folder and whose model is the tiny GGUF."""
+    return Config(
+        home=tmp_path / "home",
+        model=ModelConfig(path=tiny_gguf, n_ctx=512, threads=1, seed=0),
+        schedule=ScheduleConfig(interval_minutes=60.0),
+        tasks=TasksConfig(books=(small_book,)),
+    )
+
+
+def with_changes(config: Config, **sections: dict) -> Config:
+    """Return a copy of `config` with fields of its sections replaced."""
+    changes = {
+        name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()
+    }
+    return dataclasses.replace(config, **changes)
