@@ -2,8 +2,8 @@
 
 The weights are random (seeded) and the vocabulary is a small SentencePiece-style
 word list with byte fallback, so any text tokenizes. llama.cpp and transformers
-both load the file. The output rows of the special tokens are zero, so greedy
-decoding never picks end-of-text and answers are never empty.
+both load the file. The output rows of the special and byte tokens are zero,
+so greedy decoding never picks end-of-text and answers are never empty.
 """
 
 from __future__ import annotations
@@ -112,7 +112,9 @@ def write_tiny_gguf(path: Path, config: TinyConfig | None = None) -> Path:
         add(f"{prefix}.ffn_down.weight", weight(dim, config.feed_forward_length))
     add("output_norm.weight", np.ones(dim, dtype=np.float32))
     output = weight(vocab, dim)
-    output[:3] = 0.0  # <unk>, <s>, </s>: logit 0, below the max of hundreds of others
+    # Special and byte tokens get logit 0, below the max of the ~140 word and
+    # letter logits, so greedy decoding emits readable pieces and never ends early.
+    output[: 3 + 256] = 0.0
     add("output.weight", output)
 
     writer.write_header_to_file()

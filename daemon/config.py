@@ -170,7 +170,8 @@ def _build_section(cls: type, table: dict[str, Any], where: str, source: Path | 
 
 def _convert(hint: Any, value: Any, where: str, source: Path | None) -> Any:
     if isinstance(value, _EnvValue):
-        where, value = value.variable, _parse_env_text(hint, value.text)
+        # Relative paths from the environment are relative to the working directory.
+        where, value, source = value.variable, _parse_env_text(hint, value.text), None
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         if value is None or value == "":
@@ -188,8 +189,9 @@ def _convert(hint: Any, value: Any, where: str, source: Path | None) -> Any:
         if not isinstance(value, str | Path):
             raise ConfigError(f"{where} must be a path string, got {value!r}")
         path = Path(value).expanduser()
-        if not path.is_absolute() and source is not None:
-            path = source.parent / path  # relative paths are relative to the file
+        if not path.is_absolute():
+            # Relative paths in a file are relative to that file.
+            path = (source.parent / path) if source is not None else path.absolute()
         return path
     if hint is bool:
         if not isinstance(value, bool):

@@ -106,6 +106,8 @@ class Agent:
         """Run one cycle under the cycle lock and commit its record to the journal."""
         request = request or CycleRequest()
         stop = stop or threading.Event()
+        if request.task_ids or request.domain:
+            _requested_tasks(self.book, request)  # a bad request raises before any record
         with CycleLock(self.home.lock_path):
             recover_unfinished(self)
             started_at = utc_now()

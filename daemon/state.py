@@ -74,7 +74,11 @@ class StateStore:
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.connection = sqlite3.connect(path, timeout=30.0, isolation_level=None)
+            # The service opens the store in the main thread and runs cycles in a
+            # worker thread, one cycle at a time, so the connection is shared.
+            self.connection = sqlite3.connect(
+                path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
             self.connection.row_factory = sqlite3.Row
             self.connection.execute("PRAGMA journal_mode=WAL")
             self.connection.execute("PRAGMA synchronous=FULL")

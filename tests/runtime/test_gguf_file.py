@@ -71,3 +71,53 @@ def test_adapter_refused_as_model(tmp_path: Path):
     assert inspect_gguf(path).file_type == "adapter"
     with pytest.raises(ModelFileError, match="is a GGUF adapter .* not a model"):
         check_model_file(path)
+
+
+def test_scan_matches_gguf_reader(tiny_gguf: Path):
+    import gguf
+
+    reference = gguf.GGUFReader(tiny_gguf, "r")
+    info = inspect_gguf(tiny_gguf)
+    assert [t.name for t in info.tensors] == [t.name for t in reference.tensors]
+    assert [t.offset for t in info.tensors] == [int(t.data_offset) for t in reference.tensors]
+    assert [t.n_bytes for t in info.tensors] == [int(t.n_bytes) for t in reference.tensors]
+    assert info.metadata["llama.embedding_length"] == 64
+    assert info.metadata["tokenizer.ggml.tokens"]["length"] == len(reference.fields[
+        "tokenizer.ggml.tokens"].data)
+
+
+def duplicate_token_model(path: Path, monkeypatch) -> Path:
+    import bench.tiny_model as tiny
+
+    tokens, scores, types = tiny.tiny_vocabulary()
+    tokens[-1] = tokens[-2]
+    monkeypatch.setattr(tiny, "tiny_vocabulary", lambda: (tokens, scores, types))
+    return tiny.write_tiny_gguf(path)
+
+
+def test_duplicate_tokens_refused(tmp_path: Path, monkeypatch):
+    path = duplicate_token_model(tmp_path / "dup.gguf", monkeypatch)
+    with pytest.raises(ModelFileError, match="'tokenizer.ggml.tokens' lists 1 duplicate token"):
+        inspect_gguf(path)
+
+
+def test_llama_abort_caught_in_child(tmp_path: Path, monkeypatch):
+    # llama.cpp aborts the process on duplicate tokens; the probe runs the load in a
+    # child process so that only the child dies.
+    from runtime.loader import ModelInfo, probe_once
+
+    path = duplicate_token_model(tmp_path / "dup.gguf", monkeypatch)
+    model = ModelInfo(path, "dup", None, False)
+    with pytest.raises(ModelFileError, match=r"llama.cpp failed to load .*dup.gguf in a test "
+                                             r"process \(signal 6"):
+        probe_once(model, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "verified").exists()
+
+
+def test_unsupported_version_named(tmp_path: Path, tiny_gguf: Path):
+    data = bytearray(tiny_gguf.read_bytes())
+    data[4:8] = (7).to_bytes(4, "little")
+    path = tmp_path / "v7.gguf"
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="is GGUF version 7; A3X reads versions 2, 3"):
+        inspect_gguf(path)
