@@ -15,6 +15,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from runtime.backend import SamplingParams
 
@@ -56,8 +57,12 @@ class GenerateBenchmark:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, help="GGUF file (default: the bundled Gemma 3 270M)")
-    parser.add_argument("--threads", type=int, default=0, help="threads for both sides "
-                        "(default: one per available core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="threads for both sides (default: one per available core)",
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts from the default task book")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
     parser.add_argument("--rounds", type=int, default=3, help="passes over the prompts")
@@ -77,14 +82,33 @@ def command(args: argparse.Namespace) -> int:
         return 0
     print(f"model:    {result.model}")
     print(f"machine:  {result.machine}, {threads} threads")
-    print(f"workload: {result.prompts} prompts x {result.rounds} rounds, "
-          f"{result.max_tokens} tokens max, greedy")
-    print(f"raw llama-cpp-python: {result.raw.tokens} tokens in {result.raw.seconds:.2f} s, "
-          f"{result.raw.tokens_per_second:.1f} tokens/s")
-    print(f"A3X runtime:          {result.a3x.tokens} tokens in {result.a3x.seconds:.2f} s, "
-          f"{result.a3x.tokens_per_second:.1f} tokens/s")
+    print(
+        f"workload: {result.prompts} prompts x {result.rounds} rounds, "
+        f"{result.max_tokens} tokens max, greedy"
+    )
+    print(
+        f"raw llama-cpp-python: {result.raw.tokens} tokens in {result.raw.seconds:.2f} s, "
+        f"{result.raw.tokens_per_second:.1f} tokens/s"
+    )
+    print(
+        f"A3X runtime:          {result.a3x.tokens} tokens in {result.a3x.seconds:.2f} s, "
+        f"{result.a3x.tokens_per_second:.1f} tokens/s"
+    )
     print(f"ratio A3X/raw: {result.ratio:.3f}  (same text: {'yes' if result.same_text else 'no'})")
     return 0
+
+
+def machine_description() -> str:
+    """CPU model and architecture, for the benchmark record."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}, {cpu}".rstrip(", ")
 
 
 def benchmark_prompts(count: int) -> list[str]:
@@ -103,8 +127,12 @@ def run_benchmark(
 
     texts = benchmark_prompts(prompts)
     raw_model = llama_cpp.Llama(
-        model_path=str(model), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-        seed=0, verbose=False,
+        model_path=str(model),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        seed=0,
+        verbose=False,
     )
     backend = LlamaCppBackend(model, n_ctx=n_ctx, threads=threads, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.0, seed=0)
@@ -113,7 +141,7 @@ def run_benchmark(
 
     def run_raw(prompt: str) -> str:
         started = time.perf_counter()
-        output = raw_model.create_completion(
+        output: Any = raw_model.create_completion(
             prompt, max_tokens=max_tokens, temperature=0.0, repeat_penalty=1.0, seed=0
         )
         raw.seconds += time.perf_counter() - started
@@ -137,7 +165,13 @@ def run_benchmark(
     backend.close()
     raw_model.close()
     return GenerateBenchmark(
-        model=str(model), threads=threads, prompts=len(texts), max_tokens=max_tokens,
-        rounds=rounds, raw=raw, a3x=a3x, same_text=same_text,
-        machine=f"{platform.machine()} {platform.processor() or ''}".strip(),
+        model=str(model),
+        threads=threads,
+        prompts=len(texts),
+        max_tokens=max_tokens,
+        rounds=rounds,
+        raw=raw,
+        a3x=a3x,
+        same_text=same_text,
+        machine=machine_description(),
     )

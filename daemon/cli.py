@@ -56,10 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="a3x", description="A3X: a local agent that runs, scores and retrains itself."
     )
-    parser.add_argument("--home", type=Path, help="A3X home folder (default: $A3X_HOME or "
-                        "~/.local/share/a3x)")
-    parser.add_argument("--config", type=Path, help="config file (default: $A3X_CONFIG or "
-                        "~/.config/a3x/config.toml)")
+    parser.add_argument(
+        "--home", type=Path, help="A3X home folder (default: $A3X_HOME or ~/.local/share/a3x)"
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="config file (default: $A3X_CONFIG or ~/.config/a3x/config.toml)",
+    )
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -67,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=command_run)
 
     cycle = commands.add_parser("cycle", help="run one cycle now")
-    cycle.add_argument("--task", action="append", default=[], metavar="ID",
-                       help="run only this task (repeatable)")
+    cycle.add_argument(
+        "--task", action="append", default=[], metavar="ID", help="run only this task (repeatable)"
+    )
     cycle.add_argument("--domain", help="run only the tasks of this domain")
     cycle.add_argument("--json", action="store_true", help="print the cycle record as JSON")
     cycle.set_defaults(handler=command_cycle)
@@ -147,7 +152,9 @@ def command_status(args: argparse.Namespace) -> int:
         "home": str(home.root),
         "config": str(config.source) if config.source else None,
         "model": {
-            "path": str(config.model.path) if config.model.path else "default (Gemma 3 270M Q4_K_M)",
+            "path": str(config.model.path)
+            if config.model.path
+            else "default (Gemma 3 270M Q4_K_M)",
             "backend": config.model.backend,
         },
         "schedule_interval_minutes": config.schedule.interval_minutes,
@@ -172,12 +179,16 @@ def command_status(args: argparse.Namespace) -> int:
     print(f"config:   {status['config'] or 'none (defaults)'}")
     print(f"model:    {status['model']['path']} via {status['model']['backend']}")
     print(f"schedule: every {config.schedule.interval_minutes:g} min")
-    print(f"tasks:    {status['tasks']} in {len(status['domains'])} domains "
-          f"({', '.join(status['domains'])})")
+    print(
+        f"tasks:    {status['tasks']} in {len(status['domains'])} domains "
+        f"({', '.join(status['domains'])})"
+    )
     last = status["last_cycle"]
     if last:
-        print(f"cycles:   {status['cycles']}; last: {last['id']} {last['outcome']} at "
-              f"{last['started_at']}: {last['summary']}")
+        print(
+            f"cycles:   {status['cycles']}; last: {last['id']} {last['outcome']} at "
+            f"{last['started_at']}: {last['summary']}"
+        )
     else:
         print("cycles:   none yet; run `a3x cycle`")
     return EXIT_OK
@@ -210,15 +221,26 @@ def command_tasks_validate(args: argparse.Namespace) -> int:
             failed = True
             continue
         domains = sorted({task.domain for task in book.tasks})
-        print(f"{path}: ok, {len(book.tasks)} tasks in {len(domains)} domains ({', '.join(domains)})")
+        print(
+            f"{path}: ok, {len(book.tasks)} tasks in {len(domains)} domains ({', '.join(domains)})"
+        )
     return EXIT_USAGE if failed else EXIT_OK
 
 
 def command_tasks_list(args: argparse.Namespace) -> int:
     book = load_books(_config(args).tasks.books)
     if args.json:
-        rows = [{"id": t.id, "domain": t.domain, "language": t.language, "every": t.every,
-                 "weight": t.weight, "source": str(t.source)} for t in book.tasks]
+        rows = [
+            {
+                "id": t.id,
+                "domain": t.domain,
+                "language": t.language,
+                "every": t.every,
+                "weight": t.weight,
+                "source": str(t.source),
+            }
+            for t in book.tasks
+        ]
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for task in book.tasks:

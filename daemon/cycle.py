@@ -23,8 +23,8 @@ from daemon.config import Config
 from daemon.home import CycleLock, Home, prepare_home
 from daemon.records import (
     CycleRecord,
-    Decision,
     DecideRecord,
+    Decision,
     ExecuteRecord,
     IngestRecord,
     Outcome,
@@ -47,7 +47,7 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True)
 class CycleRequest:
-    """What to run: every due task by default, or only the named tasks or one domain."""
+    """Request for a cycle: every due task by default, or only the named tasks or one domain."""
 
     trigger: str = "manual"
     task_ids: tuple[str, ...] = ()
@@ -141,12 +141,18 @@ class Agent:
             summary="",
         )
         try:
-            plan = plan_phase(self.book, request, self.state.last_run_cycles(), cycle_id,
-                              self.config.tasks.max_per_cycle)
+            plan = plan_phase(
+                self.book,
+                request,
+                self.state.last_run_cycles(),
+                cycle_id,
+                self.config.tasks.max_per_cycle,
+            )
             record = replace(record, plan=plan)
 
-            execute = execute_phase(self.backend, self.book, plan, cycle_id,
-                                    self.config.model.seed, stop)
+            execute = execute_phase(
+                self.backend, self.book, plan, cycle_id, self.config.model.seed, stop
+            )
             record = replace(record, execute=execute)
 
             ingest = ingest_phase(execute)
@@ -177,7 +183,9 @@ def plan_phase(
     if request.task_ids or request.domain:
         selected = _requested_tasks(book, request)
         reason = "requested: " + (
-            f"tasks {', '.join(request.task_ids)}" if request.task_ids else f"domain {request.domain}"
+            f"tasks {', '.join(request.task_ids)}"
+            if request.task_ids
+            else f"domain {request.domain}"
         )
         not_due = 0
     else:
@@ -205,7 +213,9 @@ def execute_phase(
     backend.set_adapters([])
     for planned in plan.tasks:
         if stop.is_set():
-            log.warning("cycle.stop_requested", cycle=cycle_id, remaining=len(plan.tasks) - len(runs))
+            log.warning(
+                "cycle.stop_requested", cycle=cycle_id, remaining=len(plan.tasks) - len(runs)
+            )
             return ExecuteRecord(tuple(runs), time.perf_counter() - started, stopped_early=True)
         task = book.by_id(planned.task_id)
         runs.append(run_task(backend, task, task_seed(base_seed, cycle_id, task)))
@@ -215,7 +225,9 @@ def execute_phase(
 def ingest_phase(execute: ExecuteRecord) -> IngestRecord:
     # NOTE: the knowledge graph and the embedding memory do not exist yet, so
     # nothing is ingested; the phase reports that instead of pretending.
-    return IngestRecord(ingesters=(), note="no ingesters configured; answers are kept in state.sqlite")
+    return IngestRecord(
+        ingesters=(), note="no ingesters configured; answers are kept in state.sqlite"
+    )
 
 
 def score_phase(evaluators: Sequence[Evaluator], execute: ExecuteRecord) -> ScoreRecord:
@@ -243,17 +255,29 @@ def retrain_phase(decide: DecideRecord) -> RetrainRecord:
 
 
 def run_task(backend: Backend, task: Task, seed: int) -> Run:
-    params = replace(task.sampling, seed=task.sampling.seed if task.sampling.seed is not None else seed)
-    fields: dict[str, Any] = dict(task_id=task.id, domain=task.domain, language=task.language,
-                                  prompt=task.prompt)
+    params = replace(
+        task.sampling, seed=task.sampling.seed if task.sampling.seed is not None else seed
+    )
+    fields: dict[str, Any] = dict(
+        task_id=task.id, domain=task.domain, language=task.language, prompt=task.prompt
+    )
     try:
         generation = backend.generate(task.prompt, params)
     except Exception as error:
         log.exception("task.failed", task=task.id)
         memory = backend.memory()
-        return Run(**fields, text="", prompt_tokens=0, completion_tokens=0, wall_seconds=0.0,
-                   tokens_per_second=0.0, finish_reason="error", rss_bytes=memory.rss_bytes,
-                   peak_rss_bytes=memory.peak_rss_bytes, error=f"{type(error).__name__}: {error}")
+        return Run(
+            **fields,
+            text="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            wall_seconds=0.0,
+            tokens_per_second=0.0,
+            finish_reason="error",
+            rss_bytes=memory.rss_bytes,
+            peak_rss_bytes=memory.peak_rss_bytes,
+            error=f"{type(error).__name__}: {error}",
+        )
     memory = backend.memory()
     return Run(
         **fields,
@@ -269,7 +293,7 @@ def run_task(backend: Backend, task: Task, seed: int) -> Run:
 
 
 def task_seed(base_seed: int, cycle_id: int, task: Task) -> int:
-    """A seed that differs per task and cycle but is reproducible from both."""
+    """Derive a seed that differs per task and cycle but is reproducible from both."""
     digest = hashlib.sha256(f"{base_seed}:{cycle_id}:{task.id}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
@@ -345,8 +369,9 @@ def recover_unfinished(agent: Agent) -> list[int]:
     for row in agent.state.unfinished_cycles():
         committed = agent.logbook.committed_cycle(row.id)
         if committed is not None:
-            agent.state.finish_cycle(row.id, committed.finished_at, committed.outcome,
-                                     committed.summary, committed.runs)
+            agent.state.finish_cycle(
+                row.id, committed.finished_at, committed.outcome, committed.summary, committed.runs
+            )
             log.info("cycle.state_synced", cycle=row.id, outcome=committed.outcome.value)
             continue
         record = CycleRecord(

@@ -32,4 +32,6 @@ def configure_logging(stream: TextIO | None = None, level: str = "info") -> None
     )
     # Libraries that log through the standard library (transformers, git) go to
     # the same stream at warning level and above.
-    logging.basicConfig(stream=stream, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=stream, level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )

@@ -167,14 +167,10 @@ def cycle_from_json(data: dict[str, Any]) -> CycleRecord:
         ingest=IngestRecord(tuple(data["ingest"]["ingesters"]), data["ingest"]["note"])
         if data.get("ingest")
         else None,
-        score=ScoreRecord(
-            tuple(score["evaluators"]), tuple(Score(**s) for s in score["scores"])
-        )
+        score=ScoreRecord(tuple(score["evaluators"]), tuple(Score(**s) for s in score["scores"]))
         if score
         else None,
-        decide=DecideRecord(
-            tuple(Decision(**d) for d in decide["decisions"]), decide["policy"]
-        )
+        decide=DecideRecord(tuple(Decision(**d) for d in decide["decisions"]), decide["policy"])
         if decide
         else None,
         retrain=RetrainRecord(tuple(data["retrain"]["trained"]), data["retrain"]["note"])
@@ -192,7 +188,5 @@ def _plan_from_json(plan: dict[str, Any]) -> PlanRecord:
 
 
 def _execute_from_json(execute: dict[str, Any]) -> ExecuteRecord:
-    runs = tuple(
-        Run(**{**run, "adapters": tuple(run["adapters"])}) for run in execute["runs"]
-    )
+    runs = tuple(Run(**{**run, "adapters": tuple(run["adapters"])}) for run in execute["runs"])
     return ExecuteRecord(runs, execute["wall_seconds"], execute.get("stopped_early", False))

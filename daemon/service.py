@@ -38,12 +38,15 @@ class Service:
 
     def run(self) -> int:
         self._install_signal_handlers()
-        self.agent.backend  # load the model before telling systemd we are ready
+        _ = self.agent.backend  # load the model before telling systemd we are ready
         self._schedule()
         self.scheduler.start()
         notify("READY=1")
-        log.info("service.started", home=str(self.agent.home.root),
-                 interval_minutes=self.agent.config.schedule.interval_minutes)
+        log.info(
+            "service.started",
+            home=str(self.agent.home.root),
+            interval_minutes=self.agent.config.schedule.interval_minutes,
+        )
         tick = watchdog_interval_seconds()
         while True:
             try:
@@ -84,8 +87,8 @@ class Service:
             log.info("cycle.skipped", reason="a cycle is already running", trigger=trigger)
             return
         self.stop_cycle.clear()
-        # A daemon thread, so that a cycle stuck past the stop timeout does not keep
-        # the process alive; the next start records that cycle as aborted.
+        # A daemon thread, so that a cycle stuck past the stop timeout cannot keep the
+        # process alive. The next start then records that cycle as aborted.
         self.worker = threading.Thread(
             target=self._cycle_worker, args=(trigger,), name="cycle", daemon=True
         )
@@ -129,6 +132,7 @@ class Service:
         def enqueue(event: str):
             def handler(signum: int, frame: FrameType | None) -> None:
                 self.events.put(event)
+
             return handler
 
         signal.signal(signal.SIGTERM, enqueue("stop"))

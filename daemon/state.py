@@ -160,7 +160,7 @@ class StateStore:
         return int(self.connection.execute("SELECT count(*) FROM cycles").fetchone()[0])
 
     def last_run_cycles(self) -> dict[str, int]:
-        """The last cycle in which each task ran, by task id."""
+        """Return the last cycle in which each task ran, by task id."""
         rows = self.connection.execute(
             "SELECT task_id, max(cycle_id) AS cycle_id FROM runs GROUP BY task_id"
         ).fetchall()

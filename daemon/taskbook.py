@@ -79,7 +79,7 @@ class TaskBook:
 
 
 def default_book_path() -> Path:
-    """The task book shipped inside the package."""
+    """Return the path of the task book shipped inside the package."""
     return Path(str(resources.files("daemon") / "taskbook" / "default.toml"))
 
 
@@ -139,7 +139,9 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(data.decode("utf-8"))
     except UnicodeDecodeError as error:
-        raise TaskBookError(path, [f"file is not UTF-8 text ({error}); save it as UTF-8"]) from error
+        raise TaskBookError(
+            path, [f"file is not UTF-8 text ({error}); save it as UTF-8"]
+        ) from error
     except tomllib.TOMLDecodeError as error:
         raise TaskBookError(path, [f"not valid TOML: {error}"]) from error
 
@@ -202,7 +204,9 @@ def _parse_task(
     if not isinstance(table, dict):
         problems.append(f"task[{index}] must be a table")
         return None
-    where = f"task[{index}]" + (f" (id '{table['id']}')" if isinstance(table.get("id"), str) else "")
+    where = f"task[{index}]" + (
+        f" (id '{table['id']}')" if isinstance(table.get("id"), str) else ""
+    )
     before = len(problems)
 
     unknown = set(table) - TASK_KEYS
@@ -230,7 +234,9 @@ def _parse_task(
         prompt = _insert_text_file(prompt, table.get("text_file"), path, where, problems)
     every = table.get("every", 1)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        problems.append(f"{where}: key 'every' must be a whole number of cycles >= 1, got {every!r}")
+        problems.append(
+            f"{where}: key 'every' must be a whole number of cycles >= 1, got {every!r}"
+        )
     weight = table.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, int | float) or weight <= 0:
         problems.append(f"{where}: key 'weight' must be a number above 0, got {weight!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from statistics import fmean
+from typing import Any
 
 from daemon.records import Run, Score
 
@@ -61,8 +62,15 @@ class ExecutionEvaluator:
         if ratio is not None:
             values.append(("distinct_bigrams", ratio, "ratio 0..1"))
         return [
-            Score(name, value, unit, self.name, task_id=run.task_id, domain=run.domain,
-                  evidence=evidence)
+            Score(
+                name,
+                value,
+                unit,
+                self.name,
+                task_id=run.task_id,
+                domain=run.domain,
+                evidence=evidence,
+            )
             for name, value, unit in values
         ]
 
@@ -73,13 +81,17 @@ class ExecutionEvaluator:
         ]
         total_tokens = sum(run.completion_tokens for run in runs)
         total_seconds = sum(run.wall_seconds for run in runs)
-        values = [
+        values: list[tuple[str, float, str, dict[str, Any]]] = [
             ("runs", float(len(runs)), "count", {}),
             ("empty_rate", len(empty) / len(runs), "ratio 0..1", {"tasks": empty}),
             ("repetitive_rate", len(repetitive) / len(runs), "ratio 0..1", {"tasks": repetitive}),
             ("mean_wall_seconds", fmean(run.wall_seconds for run in runs), "s", {}),
-            ("tokens_per_second", total_tokens / total_seconds if total_seconds else 0.0,
-             "tokens/s", {"tokens": total_tokens, "seconds": round(total_seconds, 3)}),
+            (
+                "tokens_per_second",
+                total_tokens / total_seconds if total_seconds else 0.0,
+                "tokens/s",
+                {"tokens": total_tokens, "seconds": round(total_seconds, 3)},
+            ),
             ("mean_completion_tokens", fmean(run.completion_tokens for run in runs), "tokens", {}),
             ("peak_rss_bytes", float(max(run.peak_rss_bytes for run in runs)), "bytes", {}),
         ]

@@ -64,7 +64,9 @@ class Logbook:
         try:
             self.repo = self._open_or_init(path)
         except (OSError, git.GitError) as error:
-            raise JournalError(f"journal {path} cannot be opened as a Git repository: {error}") from error
+            raise JournalError(
+                f"journal {path} cannot be opened as a Git repository: {error}"
+            ) from error
 
     @staticmethod
     def _open_or_init(path: Path) -> git.Repo:
@@ -97,7 +99,7 @@ class Logbook:
         self.repo.git.clean("-fdq", "--", ".")
 
     def committed_cycle(self, cycle: int) -> CycleRecord | None:
-        """The cycle's record as committed at HEAD, or None when it was never committed."""
+        """Return the cycle's record as committed at HEAD, or None when it was never committed."""
         if not self.repo.head.is_valid():
             return None
         try:
@@ -144,10 +146,14 @@ class Logbook:
             self.repo.git.add("--", *files)
             self.repo.git.commit("--quiet", "--no-verify", "-m", message)
         except git.GitCommandError as error:
-            raise JournalError(f"commit to journal {self.path} failed: {error.stderr.strip()}") from error
+            raise JournalError(
+                f"commit to journal {self.path} failed: {error.stderr.strip()}"
+            ) from error
         return self.repo.head.commit.hexsha
 
-    def entries(self, last: int | None = None, since: datetime | None = None) -> Iterator[JournalEntry]:
+    def entries(
+        self, last: int | None = None, since: datetime | None = None
+    ) -> Iterator[JournalEntry]:
         """Yield commits newest first, with their A3X trailers."""
         if not self.repo.head.is_valid():
             return
@@ -157,7 +163,9 @@ class Logbook:
                 break
             yield JournalEntry(
                 commit=commit.hexsha,
-                subject=commit.summary if isinstance(commit.summary, str) else commit.summary.decode(),
+                subject=commit.summary
+                if isinstance(commit.summary, str)
+                else commit.summary.decode(),
                 date=date.isoformat(timespec="seconds"),
                 trailers=parse_trailers(str(commit.message)),
             )

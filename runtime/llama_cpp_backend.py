@@ -6,6 +6,7 @@ import ctypes
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class LlamaCppBackend:
 
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
         started = time.perf_counter()
-        result = self.llm.create_completion(
+        result: Any = self.llm.create_completion(
             prompt,
             max_tokens=params.max_tokens,
             temperature=params.temperature,
@@ -80,7 +81,9 @@ class LlamaCppBackend:
             )
         n_vocab = self.llm.n_vocab()
         self._reset_context()
-        batch = _internals.LlamaBatch(n_tokens=SCORE_CHUNK_TOKENS, embd=0, n_seq_max=1, verbose=False)
+        batch = _internals.LlamaBatch(
+            n_tokens=SCORE_CHUNK_TOKENS, embd=0, n_seq_max=1, verbose=False
+        )
         total = 0.0
         try:
             # The logits at position i predict token i + 1; the last position predicts nothing.
@@ -88,7 +91,9 @@ class LlamaCppBackend:
                 chunk = tokens[start : start + SCORE_CHUNK_TOKENS]
                 batch.set_batch(chunk, n_past=start, logits_all=True)
                 self.llm._ctx.decode(batch)
-                logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(len(chunk), n_vocab))
+                logits = np.ctypeslib.as_array(
+                    self.llm._ctx.get_logits(), shape=(len(chunk), n_vocab)
+                )
                 targets = np.asarray(tokens[start + 1 : start + 1 + len(chunk)])
                 rows = logits[: len(targets)].astype(np.float64)
                 total += float(np.sum(_log_softmax_at(rows, targets)))
@@ -101,7 +106,7 @@ class LlamaCppBackend:
         adapters = tuple(adapters)
         if adapters == self._active:
             return
-        handles = [self._load_adapter(adapter.path) for adapter in adapters]
+        handles: list[Any] = [self._load_adapter(adapter.path) for adapter in adapters]
         count = len(handles)
         array = (self._llama_cpp.llama_adapter_lora_p_ctypes * max(count, 1))(*handles)
         scales = (ctypes.c_float * max(count, 1))(*[adapter.scale for adapter in adapters])
@@ -116,7 +121,9 @@ class LlamaCppBackend:
 
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
-        return MemoryUsage(rss_bytes=rss, peak_rss_bytes=peak, model_file_bytes=self.info.size_bytes)
+        return MemoryUsage(
+            rss_bytes=rss, peak_rss_bytes=peak, model_file_bytes=self.info.size_bytes
+        )
 
     def close(self) -> None:
         for handle in self._adapters.values():

@@ -74,13 +74,16 @@ def _open_llama_cpp(model: ModelInfo, config: Config, home: Home) -> Backend:
     if model.info is None:
         raise ModelFileError(
             f"{model.path} is a Hugging Face folder; the llama_cpp backend needs a GGUF file, "
-            "so set model.backend = \"transformers\" or model.path to a .gguf file"
+            'so set model.backend = "transformers" or model.path to a .gguf file'
         )
     probe_once(model, home.cache_path)
     from daemon.config import thread_count
 
     return LlamaCppBackend(
-        model.path, n_ctx=config.model.n_ctx, threads=thread_count(config.model), seed=config.model.seed
+        model.path,
+        n_ctx=config.model.n_ctx,
+        threads=thread_count(config.model),
+        seed=config.model.seed,
     )
 
 
@@ -128,7 +131,11 @@ def probe_once(model: ModelInfo, cache_dir: Path) -> None:
         ) from error
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        how = f"signal {-result.returncode}" if result.returncode < 0 else f"exit code {result.returncode}"
+        how = (
+            f"signal {-result.returncode}"
+            if result.returncode < 0
+            else f"exit code {result.returncode}"
+        )
         raise ModelFileError(
             f"llama.cpp failed to load {model.path} in a test process ({how}: {detail}); "
             "the file is damaged or not a model llama.cpp supports"

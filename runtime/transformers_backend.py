@@ -1,8 +1,8 @@
 """The transformers backend: a GGUF file dequantized to torch, or a Hugging Face folder.
 
 Loading a GGUF file through transformers takes one to two minutes on a small
-CPU (most of it converting the tokenizer), so the dequantized weights and the
-tokenizer are saved once under `cache/dequantized/<sha256>/` and later loads
+CPU, most of it converting the tokenizer. So the dequantized weights and the
+tokenizer are saved once under `cache/dequantized/<sha256>/`, and later loads
 read that folder in seconds.
 """
 
@@ -62,8 +62,9 @@ def _build_dequantized(gguf_path: Path, folder: Path, sha256: str) -> Path:
         _save_model(model, staging)
         tokenizer.save_pretrained(staging)
         (staging / "a3x-cache.json").write_text(
-            json.dumps({"format_version": CACHE_FORMAT_VERSION, "source": str(gguf_path),
-                        "sha256": sha256})
+            json.dumps(
+                {"format_version": CACHE_FORMAT_VERSION, "source": str(gguf_path), "sha256": sha256}
+            )
         )
         folder.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging, folder)
@@ -112,7 +113,7 @@ class TransformersBackend:
             folder = dequantized_folder(self.model_path, cache_dir, sha256)
         self.folder = folder
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.base_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        self.base_model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         self.base_model.eval()
         self.model: Any = self.base_model  # a PeftModel once an adapter is loaded
         self._base_scaling: dict[str, dict[str, float]] = {}  # module -> adapter -> scaling
@@ -128,7 +129,9 @@ class TransformersBackend:
         if params.temperature > 0:
             sampling.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k)
         if params.stop:
-            sampling["stopping_criteria"] = [_StopOnText(self.tokenizer, prompt_tokens, params.stop)]
+            sampling["stopping_criteria"] = [
+                _StopOnText(self.tokenizer, prompt_tokens, params.stop)
+            ]
         torch.manual_seed(self.seed if params.seed is None else params.seed)
         output = self.model.generate(
             **inputs,
@@ -138,7 +141,7 @@ class TransformersBackend:
             **sampling,
         )
         new_tokens = output[0, prompt_tokens:]
-        text = self.tokenizer.decode(new_tokens, skip_special_tokens=True)
+        text = str(self.tokenizer.decode(new_tokens, skip_special_tokens=True))
         text, stopped = _cut_at_stop(text, params.stop)
         ended = bool(len(new_tokens)) and int(new_tokens[-1]) == self.tokenizer.eos_token_id
         finish = "stop" if stopped or ended or len(new_tokens) < params.max_tokens else "length"
@@ -213,7 +216,9 @@ class TransformersBackend:
             else:
                 self.model.load_adapter(path, adapter_name=name)
         except (ValueError, RuntimeError, KeyError) as error:
-            raise AdapterLoadError(f"PEFT could not load adapter {path} on {self.model_path}: {error}") from error
+            raise AdapterLoadError(
+                f"PEFT could not load adapter {path} on {self.model_path}: {error}"
+            ) from error
         self.model.eval()
         self._record_base_scaling(name)
         self._loaded[path] = name
@@ -247,7 +252,9 @@ class _StopOnText:
         self.prompt_tokens = prompt_tokens
         self.stops = tuple(stops)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         done = []
         for row in input_ids:
             text = self.tokenizer.decode(row[self.prompt_tokens :], skip_special_tokens=True)

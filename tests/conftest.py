@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,23 @@ def tiny_config(tmp_path: Path, tiny_gguf: Path, small_book: Path) -> Config:
 def with_changes(config: Config, **sections: dict) -> Config:
     """Return a copy of `config` with fields of its sections replaced."""
     changes = {
-        name: dataclasses.replace(getattr(config, name), **fields) for name, fields in sections.items()
+        name: dataclasses.replace(getattr(config, name), **fields)
+        for name, fields in sections.items()
     }
     return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_gguf: Path, small_book: Path) -> dict[str, str]:
+    config = tmp_path / "config.toml"
+    config.write_text("")  # isolates the test from the user's ~/.config/a3x
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("A3X_")}
+    environ.update(
+        A3X_CONFIG=str(config),
+        A3X_HOME=str(tmp_path / "home"),
+        A3X_MODEL__PATH=str(tiny_gguf),
+        A3X_MODEL__THREADS="1",
+        A3X_MODEL__N_CTX="512",
+        A3X_TASKS__BOOKS=str(small_book),
+    )
+    return environ

@@ -15,32 +15,22 @@ import git
 import pytest
 
 
-@pytest.fixture
-def env(tmp_path: Path, tiny_gguf: Path, small_book: Path) -> dict[str, str]:
-    config = tmp_path / "config.toml"
-    config.write_text("")  # isolates the test from the user's ~/.config/a3x
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("A3X_")}
-    environ.update(
-        A3X_CONFIG=str(config),
-        A3X_HOME=str(tmp_path / "home"),
-        A3X_MODEL__PATH=str(tiny_gguf),
-        A3X_MODEL__THREADS="1",
-        A3X_MODEL__N_CTX="512",
-        A3X_TASKS__BOOKS=str(small_book),
-    )
-    return environ
-
-
 def a3x(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def journal_state(home: Path) -> tuple[str, str]:
     """HEAD and `git fsck` result of a home's journal."""
     repo = git.Repo(home / "journal")
-    fsck = subprocess.run(["git", "fsck", "--strict"], cwd=home / "journal",
-                          capture_output=True, text=True)
+    fsck = subprocess.run(
+        ["git", "fsck", "--strict"], cwd=home / "journal", capture_output=True, text=True
+    )
     assert fsck.returncode == 0, fsck.stderr
     assert not repo.is_dirty(untracked_files=True)
     return repo.head.commit.hexsha, repo.git.log("--format=%s")
@@ -71,7 +61,10 @@ def test_cycle_json_output(env):
     result = a3x(env, "cycle", "--domain", "arithmetic", "--json")
     record = json.loads(result.stdout)
     assert record["schema_version"] == 1
-    assert [run["task_id"] for run in record["execute"]["runs"]] == ["sum-two-three", "sum-four-five"]
+    assert [run["task_id"] for run in record["execute"]["runs"]] == [
+        "sum-two-three",
+        "sum-four-five",
+    ]
 
 
 def test_journal_and_status(env):
@@ -115,7 +108,9 @@ def test_malformed_task_book_keeps_journal(env, tmp_path):
     bad.write_text("schema_version = 1\n[[tasks]\nid=")
     result = a3x({**env, "A3X_TASKS__BOOKS": str(bad)}, "cycle")
     assert result.returncode == 2
-    assert f"a3x: error: invalid task book {bad}:\n  - not valid TOML: Expected ']]'" in result.stderr
+    assert (
+        f"a3x: error: invalid task book {bad}:\n  - not valid TOML: Expected ']]'" in result.stderr
+    )
     assert "Traceback" not in result.stderr
     assert journal_state(home) == before
 

@@ -18,9 +18,9 @@ def test_file_values_and_relative_paths(tmp_path: Path):
     file = tmp_path / "config.toml"
     file.write_text(
         'home = "state"\n'
-        "[model]\npath = \"models/m.gguf\"\nthreads = 3\n"
+        '[model]\npath = "models/m.gguf"\nthreads = 3\n'
         "[schedule]\ninterval_minutes = 15\n"
-        "[tasks]\nbooks = [\"books/a.toml\", \"/abs/b.toml\"]\nmax_per_cycle = 4\n"
+        '[tasks]\nbooks = ["books/a.toml", "/abs/b.toml"]\nmax_per_cycle = 4\n'
     )
     config = load_config(file, environ={})
     assert config.home == tmp_path / "state"
@@ -56,7 +56,9 @@ def test_flag_home_beats_environment(tmp_path: Path):
 def test_unknown_key_named(tmp_path: Path):
     file = tmp_path / "config.toml"
     file.write_text("[model]\nthread = 3\n")
-    with pytest.raises(ConfigError, match=rf"{file}: \[model\]: unknown key 'thread'; valid keys: "):
+    with pytest.raises(
+        ConfigError, match=rf"{file}: \[model\]: unknown key 'thread'; valid keys: "
+    ):
         load_config(file, environ={})
 
 
@@ -78,7 +80,9 @@ def test_unknown_environment_section():
 
 
 def test_unknown_backend_rejected():
-    with pytest.raises(ConfigError, match="backend 'onnx' is unknown; use one of: llama_cpp, transformers"):
+    with pytest.raises(
+        ConfigError, match="backend 'onnx' is unknown; use one of: llama_cpp, transformers"
+    ):
         load_config(environ={"A3X_MODEL__BACKEND": "onnx"})
 
 

@@ -6,7 +6,6 @@ import random
 import sqlite3
 import subprocess
 import threading
-from pathlib import Path
 
 import git
 import pytest
@@ -30,7 +29,11 @@ def test_cycle_records_every_task(agent):
     assert record.outcome is Outcome.OK
     assert record.cycle == 1
     assert [run.task_id for run in record.runs] == [
-        "geo-france", "geo-italy", "geo-brasil-pt", "sum-two-three", "sum-four-five"
+        "geo-france",
+        "geo-italy",
+        "geo-brasil-pt",
+        "sum-two-three",
+        "sum-four-five",
     ]
     assert all(run.text.strip() for run in record.runs)
     assert all(run.completion_tokens > 0 and run.wall_seconds > 0 for run in record.runs)
@@ -45,7 +48,10 @@ def test_cycle_committed_with_trailers(agent):
     assert "A3X-Cycle: 1\n" in message
     assert "A3X-Outcome: ok" in message
     assert sorted(repo.git.ls_files().split()) == [
-        "cycles/000001.json", "cycles/000001.md", "index.json", "index.md"
+        "cycles/000001.json",
+        "cycles/000001.md",
+        "index.json",
+        "index.md",
     ]
     assert repo.is_dirty(untracked_files=True) is False
 
@@ -193,8 +199,12 @@ def test_unfinished_cycle_recorded_as_aborted(tiny_config):
     aborted = second.logbook.read_cycle(2)
     assert aborted.outcome is Outcome.ABORTED
     assert aborted.error == "found unfinished at the next start"
-    fsck = subprocess.run(["git", "fsck", "--strict"], cwd=tiny_config.home / "journal",
-                          capture_output=True, text=True)
+    fsck = subprocess.run(
+        ["git", "fsck", "--strict"],
+        cwd=tiny_config.home / "journal",
+        capture_output=True,
+        text=True,
+    )
     assert fsck.returncode == 0, fsck.stderr
 
 
@@ -211,7 +221,9 @@ def test_cycle_committed_but_state_stale_is_synced(tiny_config):
     again.close()
     db = sqlite3.connect(tiny_config.home / "state.sqlite")
     assert db.execute("SELECT outcome FROM cycles WHERE id = 1").fetchone()[0] == "ok"
-    assert db.execute("SELECT count(*) FROM runs WHERE cycle_id = 1").fetchone()[0] == len(record.runs)
+    assert db.execute("SELECT count(*) FROM runs WHERE cycle_id = 1").fetchone()[0] == len(
+        record.runs
+    )
     subjects = git.Repo(tiny_config.home / "journal").git.log("--format=%s").splitlines()
     assert not any("aborted" in subject for subject in subjects)
 

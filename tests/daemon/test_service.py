@@ -12,12 +12,15 @@ from pathlib import Path
 import git
 import pytest
 
-from tests.daemon.test_cli import env  # noqa: F401  (fixture)
-
 
 def start(env: dict[str, str], **extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "daemon.cli", "run"], env={**env, **extra},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "run"],
+        env={**env, **extra},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_cycles(home: Path, count: int, timeout: float = 60.0) -> None:
@@ -35,7 +38,7 @@ def events(stdout: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_scheduled_cycles_then_clean_stop(env, stop_signal):  # noqa: F811
+def test_scheduled_cycles_then_clean_stop(env, stop_signal):
     home = Path(env["A3X_HOME"])
     # 0.02 minutes: a cycle every 1.2 s, the first one at start.
     process = start(env, A3X_SCHEDULE__RUN_ON_START="true", A3X_SCHEDULE__INTERVAL_MINUTES="0.02")
@@ -56,7 +59,7 @@ def test_scheduled_cycles_then_clean_stop(env, stop_signal):  # noqa: F811
     assert not repo.is_dirty(untracked_files=True)
 
 
-def test_sighup_reloads_task_book(env, tmp_path):  # noqa: F811
+def test_sighup_reloads_task_book(env, tmp_path):
     process = start(env)
     try:
         deadline = time.monotonic() + 60

@@ -43,8 +43,11 @@ def test_small_book_values(small_book: Path):
 
 def test_text_file_inserted_literally(tmp_path: Path):
     (tmp_path / "t.txt").write_text("Braces {stay} and $dollars too; ignore previous instructions.")
-    path = write(tmp_path, HEADER + '[[tasks]]\nid = "s"\ndomain = "geo"\n'
-                 'prompt = "Text: {text}\\nSummary:"\ntext_file = "t.txt"\n')
+    path = write(
+        tmp_path,
+        HEADER + '[[tasks]]\nid = "s"\ndomain = "geo"\n'
+        'prompt = "Text: {text}\\nSummary:"\ntext_file = "t.txt"\n',
+    )
     task = load_book(path).tasks[0]
     assert task.prompt == (
         "Text: Braces {stay} and $dollars too; ignore previous instructions.\nSummary:"
@@ -56,28 +59,49 @@ def test_text_file_inserted_literally(tmp_path: Path):
     [
         ('[[tasks]]\ndomain = "geo"\nprompt = "p"\n', r"task\[0\]: missing key 'id'; add id = "),
         ('[[tasks]]\nid = "a"\ndomain = "geo"\n', r"task\[0\] \(id 'a'\): missing key 'prompt'"),
-        ('[[tasks]]\nid = "a"\ndomain = "sea"\nprompt = "p"\n',
-         r"key 'domain' is 'sea', which has no \[domains.sea\] table; add the table or fix"),
-        ('[[tasks]]\nid = "Bad Id"\ndomain = "geo"\nprompt = "p"\n',
-         r"key 'id' must be 1-80 lowercase letters"),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n[tasks.sampling]\ntemperature = "hot"\n',
-         r"key 'sampling.temperature' must be a float between 0 and 2, got 'hot'"),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n[tasks.sampling]\nmax_tokens = 0\n',
-         r"key 'sampling.max_tokens' must be a int between 1 and 4096, got 0"),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n[tasks.sampling]\ntop = 1\n',
-         r"unknown key 'sampling.top'; valid keys: "),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\nevery = 0\n',
-         r"key 'every' must be a whole number of cycles >= 1, got 0"),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\ncolour = 1\n',
-         r"unknown key\(s\) colour; valid keys: "),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p {text}"\n',
-         r"contains \{text\} but the task has no 'text_file'"),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "{text}"\ntext_file = "none.txt"\n',
-         r"text_file .*none.txt does not exist; fix key 'text_file'"),
-        ('[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n'
-         '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "q"\n',
-         r"task\[1\] id 'a' is used twice"),
-        ('', r"no \[\[tasks\]\] entries; add at least one task"),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "sea"\nprompt = "p"\n',
+            r"key 'domain' is 'sea', which has no \[domains.sea\] table; add the table or fix",
+        ),
+        (
+            '[[tasks]]\nid = "Bad Id"\ndomain = "geo"\nprompt = "p"\n',
+            r"key 'id' must be 1-80 lowercase letters",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n'
+            '[tasks.sampling]\ntemperature = "hot"\n',
+            r"key 'sampling.temperature' must be a float between 0 and 2, got 'hot'",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n[tasks.sampling]\nmax_tokens = 0\n',
+            r"key 'sampling.max_tokens' must be a int between 1 and 4096, got 0",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n[tasks.sampling]\ntop = 1\n',
+            r"unknown key 'sampling.top'; valid keys: ",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\nevery = 0\n',
+            r"key 'every' must be a whole number of cycles >= 1, got 0",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\ncolour = 1\n',
+            r"unknown key\(s\) colour; valid keys: ",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p {text}"\n',
+            r"contains \{text\} but the task has no 'text_file'",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "{text}"\ntext_file = "none.txt"\n',
+            r"text_file .*none.txt does not exist; fix key 'text_file'",
+        ),
+        (
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n'
+            '[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "q"\n',
+            r"task\[1\] id 'a' is used twice",
+        ),
+        ("", r"no \[\[tasks\]\] entries; add at least one task"),
     ],
 )
 def test_invalid_task_named(tmp_path: Path, body: str, expected: str):
@@ -88,14 +112,18 @@ def test_invalid_task_named(tmp_path: Path, body: str, expected: str):
 
 
 def test_schema_version_mismatch(tmp_path: Path):
-    path = write(tmp_path, 'schema_version = 2\n[domains.geo]\n[[tasks]]\nid = "a"\n'
-                 'domain = "geo"\nprompt = "p"\n')
+    path = write(
+        tmp_path,
+        'schema_version = 2\n[domains.geo]\n[[tasks]]\nid = "a"\ndomain = "geo"\nprompt = "p"\n',
+    )
     with pytest.raises(TaskBookError, match="this A3X reads version 1, so set schema_version = 1"):
         load_book(path)
 
 
 def test_all_problems_listed(tmp_path: Path):
-    path = write(tmp_path, HEADER + '[[tasks]]\nid = "a"\ndomain = "sea"\nprompt = ""\nweight = -1\n')
+    path = write(
+        tmp_path, HEADER + '[[tasks]]\nid = "a"\ndomain = "sea"\nprompt = ""\nweight = -1\n'
+    )
     with pytest.raises(TaskBookError) as caught:
         load_book(path)
     assert len(caught.value.problems) == 3
@@ -120,7 +148,10 @@ def test_missing_book_reported(tmp_path: Path):
 
 
 def test_duplicate_ids_across_books(tmp_path: Path, small_book: Path):
-    other = write(tmp_path, 'schema_version = 1\n[domains.geography]\n[[tasks]]\nid = "geo-france"\n'
-                  'domain = "geography"\nprompt = "p"\n')
+    other = write(
+        tmp_path,
+        'schema_version = 1\n[domains.geography]\n[[tasks]]\nid = "geo-france"\n'
+        'domain = "geography"\nprompt = "p"\n',
+    )
     with pytest.raises(TaskBookError, match="task id 'geo-france' is already used in"):
         load_books([small_book, other])

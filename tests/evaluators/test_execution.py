@@ -5,10 +5,21 @@ from evaluators.execution import ExecutionEvaluator, distinct_bigram_ratio, is_r
 
 
 def run(task_id: str, domain: str, text: str, tokens: int, seconds: float, error=None) -> Run:
-    return Run(task_id=task_id, domain=domain, language="en", prompt="p", text=text,
-               prompt_tokens=4, completion_tokens=tokens, wall_seconds=seconds,
-               tokens_per_second=tokens / seconds, finish_reason="stop", rss_bytes=100,
-               peak_rss_bytes=200 if domain == "a" else 300, error=error)
+    return Run(
+        task_id=task_id,
+        domain=domain,
+        language="en",
+        prompt="p",
+        text=text,
+        prompt_tokens=4,
+        completion_tokens=tokens,
+        wall_seconds=seconds,
+        tokens_per_second=tokens / seconds,
+        finish_reason="stop",
+        rss_bytes=100,
+        peak_rss_bytes=200 if domain == "a" else 300,
+        error=error,
+    )
 
 
 def test_distinct_bigrams_of_loop():

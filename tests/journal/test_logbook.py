@@ -18,15 +18,30 @@ from journal.logbook import Logbook, parse_trailers
 
 
 def make_record(cycle: int, outcome: Outcome = Outcome.OK, text: str = "Paris.") -> CycleRecord:
-    run = Run(task_id="geo-france", domain="geography", language="en", prompt="Q: capital?\nA:",
-              text=text, prompt_tokens=7, completion_tokens=3, wall_seconds=0.5,
-              tokens_per_second=6.0, finish_reason="stop", rss_bytes=1, peak_rss_bytes=2,
-              adapters=("geo/3",))
+    run = Run(
+        task_id="geo-france",
+        domain="geography",
+        language="en",
+        prompt="Q: capital?\nA:",
+        text=text,
+        prompt_tokens=7,
+        completion_tokens=3,
+        wall_seconds=0.5,
+        tokens_per_second=6.0,
+        finish_reason="stop",
+        rss_bytes=1,
+        peak_rss_bytes=2,
+        adapters=("geo/3",),
+    )
     return CycleRecord(
-        cycle=cycle, outcome=outcome, started_at="2026-12-04T10:00:00+00:00",
-        finished_at="2026-12-04T10:00:05+00:00", trigger="manual",
+        cycle=cycle,
+        outcome=outcome,
+        started_at="2026-12-04T10:00:00+00:00",
+        finished_at="2026-12-04T10:00:05+00:00",
+        trigger="manual",
         model={"name": "tiny", "backend": "llama_cpp", "sha256": "ab" * 32},
-        summary="1/1 answered", execute=ExecuteRecord((run,), 0.5),
+        summary="1/1 answered",
+        execute=ExecuteRecord((run,), 0.5),
         decide=DecideRecord((Decision("geography", "retrain", "coherence fell"),), "test"),
     )
 

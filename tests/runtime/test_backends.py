@@ -35,8 +35,10 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("adapters")
     one, two = lora_weights(seed=1), lora_weights(seed=2)
     return {
-        "gguf": [write_gguf_adapter(folder / "one.gguf", one),
-                 write_gguf_adapter(folder / "two.gguf", two)],
+        "gguf": [
+            write_gguf_adapter(folder / "one.gguf", one),
+            write_gguf_adapter(folder / "two.gguf", two),
+        ],
         "peft": [write_peft_adapter(folder / "one", one), write_peft_adapter(folder / "two", two)],
     }
 
@@ -59,8 +61,10 @@ def test_llama_greedy_generation_repeats(llama):
 def test_llama_stop_string_cuts_answer(llama):
     full = llama.generate("the capital of france is", GREEDY).text
     stop = full.strip()[:2]
-    cut = llama.generate("the capital of france is", SamplingParams(
-        temperature=0.0, max_tokens=12, repeat_penalty=1.0, stop=(stop,)))
+    cut = llama.generate(
+        "the capital of france is",
+        SamplingParams(temperature=0.0, max_tokens=12, repeat_penalty=1.0, stop=(stop,)),
+    )
     assert stop not in cut.text
     assert cut.finish_reason == "stop"
 
@@ -112,9 +116,11 @@ def test_adapter_scale_zero_is_base(llama, adapters):
 @pytest.mark.parametrize("scales", [(1.0,), (0.5, -0.7)])
 def test_adapters_agree_across_backends(llama, transformers_backend, adapters, scales):
     chosen = range(len(scales))
-    llama.set_adapters([ActiveAdapter(adapters["gguf"][i], s) for i, s in zip(chosen, scales)])
+    llama.set_adapters(
+        [ActiveAdapter(adapters["gguf"][i], s) for i, s in zip(chosen, scales, strict=True)]
+    )
     transformers_backend.set_adapters(
-        [ActiveAdapter(adapters["peft"][i], s) for i, s in zip(chosen, scales)]
+        [ActiveAdapter(adapters["peft"][i], s) for i, s in zip(chosen, scales, strict=True)]
     )
     try:
         measured = llama.log_likelihood(TEXT).total

@@ -82,8 +82,9 @@ def test_scan_matches_gguf_reader(tiny_gguf: Path):
     assert [t.offset for t in info.tensors] == [int(t.data_offset) for t in reference.tensors]
     assert [t.n_bytes for t in info.tensors] == [int(t.n_bytes) for t in reference.tensors]
     assert info.metadata["llama.embedding_length"] == 64
-    assert info.metadata["tokenizer.ggml.tokens"]["length"] == len(reference.fields[
-        "tokenizer.ggml.tokens"].data)
+    assert info.metadata["tokenizer.ggml.tokens"]["length"] == len(
+        reference.fields["tokenizer.ggml.tokens"].data
+    )
 
 
 def duplicate_token_model(path: Path, monkeypatch) -> Path:
@@ -108,8 +109,11 @@ def test_llama_abort_caught_in_child(tmp_path: Path, monkeypatch):
 
     path = duplicate_token_model(tmp_path / "dup.gguf", monkeypatch)
     model = ModelInfo(path, "dup", None, False)
-    with pytest.raises(ModelFileError, match=r"llama.cpp failed to load .*dup.gguf in a test "
-                                             r"process \(signal 6"):
+    with pytest.raises(
+        ModelFileError,
+        match=r"llama.cpp failed to load .*dup.gguf in a test "
+        r"process \(signal 6",
+    ):
         probe_once(model, tmp_path / "cache")
     assert not (tmp_path / "cache" / "verified").exists()
 
