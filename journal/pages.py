@@ -131,7 +131,7 @@ def _run_table(runs: tuple[Run, ...]) -> str:
 
 
 def _scores(scores: tuple[Score, ...]) -> str:
-    """Render one table per evaluator, with a row per score and a column per domain plus the cycle."""
+    """Render a table per evaluator: a row per score, a column per domain, one for all."""
     shared = [score for score in scores if score.task_id is None]
     if not shared:
         return ""
