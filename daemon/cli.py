@@ -16,6 +16,7 @@ from daemon.records import CycleRecord, Outcome, RecordVersionError
 from daemon.state import StateError, StateStore
 from daemon.taskbook import TaskBookError, load_book, load_books
 from journal.logbook import JournalError, Logbook
+from runtime.default_model import default_model_path
 from runtime.gguf_file import ModelFileError
 
 # Errors that come from the user's input or environment: printed as one clear
@@ -54,7 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="a3x", description="A3X: a local agent that runs, scores and retrains itself."
+        prog="a3x",
+        description="A3X: a local agent that runs its recurring tasks on a local model, "
+        "scores the answers and records every cycle in a Git journal.",
     )
     parser.add_argument(
         "--home", type=Path, help="A3X home folder (default: $A3X_HOME or ~/.local/share/a3x)"
@@ -64,7 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="config file (default: $A3X_CONFIG or ~/.config/a3x/config.toml)",
     )
-    parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="lowest level of log events to print (default: info)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the scheduler in the foreground")
@@ -78,12 +86,31 @@ def build_parser() -> argparse.ArgumentParser:
     cycle.add_argument("--json", action="store_true", help="print the cycle record as JSON")
     cycle.set_defaults(handler=command_cycle)
 
+    scores = commands.add_parser("scores", help="print the score series of recent cycles")
+    scores.add_argument("--domain", help="only this domain's series (default: the whole cycle)")
+    scores.add_argument("--evaluator", help="only this evaluator's scores")
+    scores.add_argument(
+        "--last",
+        type=positive_int,
+        default=10,
+        metavar="N",
+        help="number of latest cycles to show (default: 10)",
+    )
+    scores.add_argument("--json", action="store_true")
+    scores.set_defaults(handler=command_scores)
+
     status = commands.add_parser("status", help="show the home, model, tasks and last cycle")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=command_status)
 
     journal = commands.add_parser("journal", help="show recent cycles from the journal")
-    journal.add_argument("--last", type=int, default=10, metavar="N", help="cycles to show")
+    journal.add_argument(
+        "--last",
+        type=positive_int,
+        default=10,
+        metavar="N",
+        help="number of latest cycles to show (default: 10)",
+    )
     journal.add_argument("--json", action="store_true")
     journal.set_defaults(handler=command_journal)
 
@@ -105,7 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_generate.add_arguments(generate)
     generate.set_defaults(handler=bench_generate.command)
+
+    from bench import validate_evaluators
+
+    validation = bench_commands.add_parser(
+        "evaluators", help="validate the label-free scores on fixtures with known answers"
+    )
+    validate_evaluators.add_arguments(validation)
+    validation.set_defaults(handler=validate_evaluators.command)
     return parser
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a count of 1 or more")
+    return value
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -123,6 +168,10 @@ def command_run(args: argparse.Namespace) -> int:
 def command_cycle(args: argparse.Namespace) -> int:
     from daemon.cycle import Agent, CycleRequest
 
+    if args.domain is not None and not args.domain.strip():
+        raise KeyError("--domain is empty; give a domain name, see `a3x tasks list`")
+    if args.domain and args.task:
+        raise KeyError("give either --task or --domain, not both")
     agent = Agent(_config(args))
     try:
         request = CycleRequest(trigger="manual", task_ids=tuple(args.task), domain=args.domain)
@@ -148,13 +197,17 @@ def print_cycle_summary(record: CycleRecord, logbook: Logbook) -> None:
 def command_status(args: argparse.Namespace) -> int:
     config = _config(args)
     home = Home(config.home)
+    if home.root.exists() and not home.root.is_dir():
+        raise HomeError(
+            f"home folder {home.root} is a file, not a folder; choose another "
+            "folder with --home or A3X_HOME"
+        )
     status: dict[str, Any] = {
         "home": str(home.root),
         "config": str(config.source) if config.source else None,
         "model": {
-            "path": str(config.model.path)
-            if config.model.path
-            else "default (Gemma 3 270M Q4_K_M)",
+            "path": str(config.model.path or default_model_path()),
+            "default": config.model.path is None,
             "backend": config.model.backend,
         },
         "schedule_interval_minutes": config.schedule.interval_minutes,
@@ -177,7 +230,8 @@ def command_status(args: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"home:     {status['home']}")
     print(f"config:   {status['config'] or 'none (defaults)'}")
-    print(f"model:    {status['model']['path']} via {status['model']['backend']}")
+    default = " (default: Gemma 3 270M Q4_K_M)" if status["model"]["default"] else ""
+    print(f"model:    {status['model']['path']}{default} via {status['model']['backend']}")
     print(f"schedule: every {config.schedule.interval_minutes:g} min")
     print(
         f"tasks:    {status['tasks']} in {len(status['domains'])} domains "
@@ -208,6 +262,47 @@ def command_journal(args: argparse.Namespace) -> int:
         print(f"{entry.commit[:12]}  {entry.date}  {entry.subject}")
     if not entries:
         print("the journal has no cycles yet")
+    return EXIT_OK
+
+
+def command_scores(args: argparse.Namespace) -> int:
+    config = _config(args)
+    home = Home(config.home)
+    if not home.state_path.exists():
+        raise StateError(f"no scores in {home.root} yet; run `a3x cycle` first")
+    state = StateStore(home.state_path)
+    try:
+        rows = state.score_series(args.evaluator, args.domain or "", last_cycles=args.last)
+    finally:
+        state.close()
+    series: dict[str, dict[int, float]] = {}
+    units: dict[str, str] = {}
+    for row in rows:
+        key = f"{row['evaluator']}.{row['name']}"
+        series.setdefault(key, {})[row["cycle_id"]] = row["value"]
+        units[key] = row["unit"]
+    if args.json:
+        data = [
+            {
+                "score": key,
+                "unit": units[key],
+                "domain": args.domain,
+                "values": [{"cycle": c, "value": v} for c, v in sorted(values.items())],
+            }
+            for key, values in series.items()
+        ]
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    if not series:
+        scope = f"domain {args.domain}" if args.domain else "the whole cycle"
+        print(f"no scores for {scope} yet")
+        return EXIT_OK
+    cycles = sorted({row["cycle_id"] for row in rows})
+    width = max(len(key) for key in series)
+    print(f"{'score':{width}}  " + "  ".join(f"{c:>9}" for c in cycles) + "  unit")
+    for key, values in series.items():
+        cells = "  ".join(f"{values[c]:>9.4g}" if c in values else " " * 9 for c in cycles)
+        print(f"{key:{width}}  {cells}  {units[key]}")
     return EXIT_OK
 
 
@@ -244,7 +339,7 @@ def command_tasks_list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return EXIT_OK
     for task in book.tasks:
-        print(f"{task.id:40} {task.domain:12} {task.language:6} every {task.every}")
+        print(f"{task.id:40} {task.domain:12} {task.language:6} every {task.every} cycle(s)")
     return EXIT_OK
 
 

@@ -50,9 +50,32 @@ class TasksConfig:
 
 @dataclass(frozen=True)
 class ScoreConfig:
+    enabled: tuple[str, ...] = (
+        "execution",
+        "coherence",
+        "diversity",
+        "efficiency",
+        "consistency",
+        "perplexity",
+    )
     # An answer counts as repetitive when fewer than this share of its word
     # bigrams are distinct (the answer must have at least 8 words).
     repetition_distinct_min: float = 0.5
+    window: int = 10  # cycles in a baseline and in a diversity or coherence window
+    spread_k: float = 2.0  # a change counts beyond k times the baseline's spread
+    min_relative_spread: float = 0.02  # spread floor, as a share of the baseline mean
+    clusters: int = 8  # k-means clusters for the diversity entropy
+    efficiency_window: int = 20  # cycles of history for cost trends
+    alpha: float = 0.05  # significance level of trend tests
+    consistency_samples: int = 2  # extra sampled answers per checked task
+    consistency_tasks: int = 6  # tasks checked for consistency per cycle, in rotation
+    consistency_temperature: float = 0.7
+    perplexity_tokens: int = 192  # held-out tokens scored per domain (about 4 characters each)
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    model_extraction: bool = False  # also ask the model for facts (slow, low precision)
 
 
 @dataclass(frozen=True)
@@ -62,6 +85,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     source: Path | None = None  # the file this was read from, if any
 
 
@@ -70,7 +94,9 @@ SECTIONS: dict[str, type] = {
     "schedule": ScheduleConfig,
     "tasks": TasksConfig,
     "score": ScoreConfig,
+    "knowledge": KnowledgeConfig,
 }
+EVALUATORS = ("execution", "coherence", "diversity", "efficiency", "consistency", "perplexity")
 BACKENDS = ("llama_cpp", "transformers")
 
 
@@ -179,11 +205,12 @@ def _convert(hint: Any, value: Any, where: str, source: Path | None) -> Any:
         hint = next(arg for arg in get_args(hint) if arg is not type(None))
         origin = get_origin(hint)
     if origin is tuple:
-        if isinstance(value, str):
-            value = [part for part in value.split(os.pathsep) if part]
+        (item,) = get_args(hint)[:1]
+        if isinstance(value, str):  # from the environment: paths split on ':', words on ','
+            separator = os.pathsep if item is Path else ","
+            value = [part.strip() for part in value.split(separator) if part.strip()]
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list, got {value!r}")
-        (item,) = get_args(hint)[:1]
         return tuple(_convert(item, v, where, source) for v in value)
     if hint is Path:
         if not isinstance(value, str | Path):
@@ -251,6 +278,23 @@ def _validate(config: Config) -> None:
             0.0 <= config.score.repetition_distinct_min <= 1.0,
             "[score] repetition_distinct_min must be between 0 and 1",
         ),
+    ]
+    unknown = set(config.score.enabled) - set(EVALUATORS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: [score] enabled names unknown evaluator(s) {', '.join(sorted(unknown))}; "
+            f"known: {', '.join(EVALUATORS)}"
+        )
+    score = config.score
+    checks += [
+        (score.window >= 2, "[score] window must be at least 2 cycles"),
+        (score.spread_k > 0, "[score] spread_k must be above 0"),
+        (score.clusters >= 2, "[score] clusters must be at least 2"),
+        (score.efficiency_window >= 4, "[score] efficiency_window must be at least 4 cycles"),
+        (0 < score.alpha < 1, "[score] alpha must be between 0 and 1"),
+        (score.consistency_samples >= 1, "[score] consistency_samples must be at least 1"),
+        (score.consistency_tasks >= 0, "[score] consistency_tasks must be 0 (off) or more"),
+        (score.perplexity_tokens >= 16, "[score] perplexity_tokens must be at least 16"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,18 +1,17 @@
 """One A3X cycle: plan, execute, ingest, score, decide, retrain, record.
 
-`Agent` holds what lives across cycles (configuration, task book, state,
-journal, the loaded model). `Agent.run_cycle` is the recipe; each phase is a
-function that reads the previous phase's record and returns its own.
+`Agent` keeps what lives across cycles (configuration, task book, state,
+journal, the loaded model and embedder). `Agent.run_cycle` is the recipe.
+The phase functions live in `daemon.phases`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import random
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from statistics import fmean
 from typing import Any
@@ -21,37 +20,32 @@ import structlog
 
 from daemon.config import Config
 from daemon.home import CycleLock, Home, prepare_home
-from daemon.records import (
-    CycleRecord,
-    DecideRecord,
-    Decision,
-    ExecuteRecord,
-    IngestRecord,
-    Outcome,
-    PlannedTask,
-    PlanRecord,
-    RetrainRecord,
-    Run,
-    ScoreRecord,
+from daemon.phases import (
+    CycleRequest,
+    decide_phase,
+    execute_phase,
+    ingest_phase,
+    plan_phase,
+    requested_tasks,
+    retrain_phase,
+    sampling_plan,
+    score_phase,
 )
+from daemon.records import CycleRecord, Outcome, Run
 from daemon.state import StateStore
-from daemon.taskbook import Task, TaskBook, load_books
-from evaluators.base import Evaluator
-from evaluators.execution import ExecutionEvaluator
+from daemon.taskbook import load_books
+from evaluators.base import EvaluationContext
+from evaluators.registry import NEEDS_EMBEDDINGS, build_evaluators
 from journal.logbook import Logbook
+from journal.plots import write_plots
+from knowledge.extract import Extractor, ModelExtractor, PatternExtractor
+from knowledge.graph import KnowledgeGraph
 from runtime.backend import Backend
 from runtime.loader import ModelInfo, describe_model, open_backend
 
 log = structlog.get_logger(__name__)
 
-
-@dataclass(frozen=True)
-class CycleRequest:
-    """Request for a cycle: every due task by default, or only the named tasks or one domain."""
-
-    trigger: str = "manual"
-    task_ids: tuple[str, ...] = ()
-    domain: str | None = None
+MEMORY_FILE = "memory.faiss"
 
 
 class Agent:
@@ -72,11 +66,13 @@ class Agent:
         self.home = prepare_home(config.home)
         self.state = StateStore(self.home.state_path)
         self.logbook = Logbook(self.home.journal_path)
-        self.evaluators: list[Evaluator] = [
-            ExecutionEvaluator(config.score.repetition_distinct_min)
-        ]
+        self.graph = KnowledgeGraph(self.state.connection)
+        self.evaluators = build_evaluators(config.score)
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
+        self._embedder: Any = None
+        self._memory: Any = None
+        self._memory_notes: list[str] = []
 
     @property
     def backend(self) -> Backend:
@@ -90,6 +86,48 @@ class Agent:
                 seconds=round(time.perf_counter() - started, 2),
             )
         return self._backend
+
+    @property
+    def uses_embeddings(self) -> bool:
+        return bool(NEEDS_EMBEDDINGS & set(self.config.score.enabled))
+
+    def embedder(self) -> Any:
+        """The MiniLM embedder, loaded on first use; None when no evaluator needs it."""
+        if self._embedder is None and self.uses_embeddings:
+            from knowledge.embed import shared_embedder
+
+            started = time.perf_counter()
+            self._embedder = shared_embedder()
+            log.info("embedder.loaded", seconds=round(time.perf_counter() - started, 2))
+        return self._embedder
+
+    def memory(self) -> Any:
+        """The FAISS answer memory; a corrupt file is moved aside and rebuilt from state."""
+        if self._memory is None and self.uses_embeddings:
+            from knowledge.memory import AnswerMemory
+
+            embedder = self.embedder()
+            path = self.home.root / MEMORY_FILE
+            self._memory, note = AnswerMemory.open_or_quarantine(path, embedder.dimension)
+            if note is not None:
+                self._memory_notes.append(note)
+                self._rebuild_memory()
+        return self._memory
+
+    def _rebuild_memory(self) -> None:
+        rows = [row for row in self.state.runs_since(1) if row["text"].strip()]
+        if rows:
+            vectors = self.embedder().encode([row["text"] for row in rows])
+            self._memory.add([row["id"] for row in rows], vectors)
+        self._memory.save()
+        self._memory_notes.append(f"memory rebuilt from {len(rows)} stored answers")
+        log.warning("memory.rebuilt", answers=len(rows))
+
+    def extractors(self) -> list[Extractor]:
+        extractors: list[Extractor] = [PatternExtractor()]
+        if self.config.knowledge.model_extraction:
+            extractors.append(ModelExtractor(self.backend))
+        return extractors
 
     def reload_book(self) -> None:
         self.book = load_books(self.config.tasks.books)
@@ -107,24 +145,16 @@ class Agent:
         request = request or CycleRequest()
         stop = stop or threading.Event()
         if request.task_ids or request.domain:
-            _requested_tasks(self.book, request)  # a bad request raises before any record
+            requested_tasks(self.book, request)  # a bad request raises before any record
         with CycleLock(self.home.lock_path):
             recover_unfinished(self)
             started_at = utc_now()
             cycle_id = self.state.begin_cycle(started_at, request.trigger)
             log.info("cycle.started", cycle=cycle_id, trigger=request.trigger)
             record = self._run_phases(cycle_id, started_at, request, stop)
-            commit = self.logbook.commit_cycle(record)
-            self.state.finish_cycle(
-                cycle_id, record.finished_at, record.outcome, record.summary, record.runs
-            )
-            self.state.set_journal_commit(cycle_id, commit)
+            record = self._record(record)
         log.info(
-            "cycle.finished",
-            cycle=cycle_id,
-            outcome=record.outcome.value,
-            commit=commit[:12],
-            summary=record.summary,
+            "cycle.finished", cycle=cycle_id, outcome=record.outcome.value, summary=record.summary
         )
         return record
 
@@ -140,189 +170,107 @@ class Agent:
             model=self.model_info.to_json(self.config.model.backend),
             summary="",
         )
+        score_config = self.config.score
+        timer = PhaseTimer()
         try:
-            plan = plan_phase(
-                self.book,
-                request,
-                self.state.last_run_cycles(),
-                cycle_id,
-                self.config.tasks.max_per_cycle,
-            )
+            with timer("plan"):
+                plan = plan_phase(
+                    self.book,
+                    request,
+                    self.state.last_run_cycles(),
+                    cycle_id,
+                    self.config.tasks.max_per_cycle,
+                )
             record = replace(record, plan=plan)
 
-            execute = execute_phase(
-                self.backend, self.book, plan, cycle_id, self.config.model.seed, stop
-            )
+            with timer("execute"):
+                sampling = sampling_plan(
+                    plan,
+                    cycle_id,
+                    score_config.consistency_tasks if "consistency" in score_config.enabled else 0,
+                    score_config.consistency_samples,
+                    score_config.consistency_temperature,
+                )
+                execute = execute_phase(
+                    self.backend, self.book, plan, cycle_id, self.config.model.seed, stop, sampling
+                )
+                execute = self._store_runs(cycle_id, execute)
             record = replace(record, execute=execute)
 
-            ingest = ingest_phase(execute)
-            score = score_phase(self.evaluators, execute)
-            decide = decide_phase(plan, score)
-            retrain = retrain_phase(decide)
-            record = replace(record, ingest=ingest, score=score, decide=decide, retrain=retrain)
+            # ingest: facts into the graph, answer embeddings into the FAISS memory
+            with timer("ingest"):
+                memory, embedder = self.memory(), self.embedder()
+                notes, self._memory_notes = self._memory_notes, []
+                ingest = ingest_phase(
+                    execute, cycle_id, self.graph, self.extractors(), memory, embedder, notes
+                )
+            record = replace(record, ingest=ingest)
+
+            with timer("score"):
+                context = EvaluationContext(
+                    cycle_id=cycle_id,
+                    runs=execute.runs,
+                    config=score_config,
+                    state=self.state,
+                    graph=self.graph,
+                    memory=memory,
+                    embedder=embedder,
+                    backend=self.backend,
+                    domains=self.book.domains,
+                    samples=execute.samples,
+                )
+                history = self.state.score_series(last_cycles=score_config.window + 1)
+                score = score_phase(self.evaluators, context, history)
+                self.state.add_scores(cycle_id, score.scores)
+
+            with timer("decide"):
+                decide = decide_phase(plan, score)
+                retrain = retrain_phase(decide)
+            record = replace(record, score=score, decide=decide, retrain=retrain)
         except Exception as error:  # a failed cycle is recorded, never lost
             log.exception("cycle.phase_failed", cycle=cycle_id)
             record = replace(record, error=f"{type(error).__name__}: {error}")
+        record = replace(record, phase_seconds=timer.seconds)
         outcome = cycle_outcome(record)
         return replace(
             record, outcome=outcome, finished_at=utc_now(), summary=summarize(record, outcome)
         )
 
+    def _store_runs(self, cycle_id: int, execute: Any) -> Any:
+        """Store the runs in state.sqlite so that facts and embeddings can point at them."""
+        everything = (*execute.runs, *execute.samples)
+        ids = self.state.add_runs(cycle_id, everything)
+        numbered = [
+            replace(run, run_id=run_id) for run, run_id in zip(everything, ids, strict=True)
+        ]
+        count = len(execute.runs)
+        return replace(execute, runs=tuple(numbered[:count]), samples=tuple(numbered[count:]))
 
-# Phases
-
-
-def plan_phase(
-    book: TaskBook,
-    request: CycleRequest,
-    last_runs: dict[str, int],
-    cycle_id: int,
-    max_per_cycle: int,
-) -> PlanRecord:
-    """Pick the tasks to run: the requested ones, or those due, capped by weight."""
-    if request.task_ids or request.domain:
-        selected = _requested_tasks(book, request)
-        reason = "requested: " + (
-            f"tasks {', '.join(request.task_ids)}"
-            if request.task_ids
-            else f"domain {request.domain}"
-        )
-        not_due = 0
-    else:
-        selected = [t for t in book.tasks if _is_due(t, last_runs.get(t.id), cycle_id)]
-        not_due = len(book.tasks) - len(selected)
-        reason = "due tasks from the task book"
-    if max_per_cycle and len(selected) > max_per_cycle:
-        selected = weighted_sample(selected, max_per_cycle, random.Random(cycle_id))
-        reason += f", {max_per_cycle} picked by weight"
-    planned = tuple(PlannedTask(task.id, task.domain) for task in selected)
-    return PlanRecord(tasks=planned, skipped_not_due=not_due, reason=reason)
+    def _record(self, record: CycleRecord) -> CycleRecord:
+        """Write plots, commit the record to the journal, then finish the state row."""
+        try:
+            write_plots(self.state, self.logbook.path / "plots")
+        except Exception:  # a plot is never worth a lost record
+            log.exception("journal.plots_failed", cycle=record.cycle)
+        commit = self.logbook.commit_cycle(record)
+        self.state.finish_cycle(record.cycle, record.finished_at, record.outcome, record.summary)
+        self.state.set_journal_commit(record.cycle, commit)
+        return record
 
 
-def execute_phase(
-    backend: Backend,
-    book: TaskBook,
-    plan: PlanRecord,
-    cycle_id: int,
-    base_seed: int,
-    stop: threading.Event,
-) -> ExecuteRecord:
-    """Run each planned task on the model; a failing task is recorded, not raised."""
-    started = time.perf_counter()
-    runs: list[Run] = []
-    backend.set_adapters([])
-    for planned in plan.tasks:
-        if stop.is_set():
-            log.warning(
-                "cycle.stop_requested", cycle=cycle_id, remaining=len(plan.tasks) - len(runs)
-            )
-            return ExecuteRecord(tuple(runs), time.perf_counter() - started, stopped_early=True)
-        task = book.by_id(planned.task_id)
-        runs.append(run_task(backend, task, task_seed(base_seed, cycle_id, task)))
-    return ExecuteRecord(tuple(runs), time.perf_counter() - started)
+class PhaseTimer:
+    """Wall time of named phases, in seconds."""
 
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
 
-def ingest_phase(execute: ExecuteRecord) -> IngestRecord:
-    # NOTE: the knowledge graph and the embedding memory do not exist yet, so
-    # nothing is ingested; the phase reports that instead of pretending.
-    return IngestRecord(
-        ingesters=(), note="no ingesters configured; answers are kept in state.sqlite"
-    )
-
-
-def score_phase(evaluators: Sequence[Evaluator], execute: ExecuteRecord) -> ScoreRecord:
-    scores = [score for evaluator in evaluators for score in evaluator.score(execute.runs)]
-    return ScoreRecord(evaluators=tuple(e.name for e in evaluators), scores=tuple(scores))
-
-
-def decide_phase(plan: PlanRecord, score: ScoreRecord) -> DecideRecord:
-    domains = sorted({task.domain for task in plan.tasks})
-    reason = "no retraining policy is configured"
-    return DecideRecord(
-        decisions=tuple(Decision(domain, "keep", reason) for domain in domains),
-        policy="none",
-    )
-
-
-def retrain_phase(decide: DecideRecord) -> RetrainRecord:
-    wanted = [d.domain for d in decide.decisions if d.action == "retrain"]
-    if not wanted:
-        return RetrainRecord(trained=(), note="skipped: no domain was marked for retraining")
-    raise NotImplementedError(f"retraining requested for {wanted} but no trainer is configured")
-
-
-# Helpers of the phases
-
-
-def run_task(backend: Backend, task: Task, seed: int) -> Run:
-    params = replace(
-        task.sampling, seed=task.sampling.seed if task.sampling.seed is not None else seed
-    )
-    fields: dict[str, Any] = dict(
-        task_id=task.id, domain=task.domain, language=task.language, prompt=task.prompt
-    )
-    try:
-        generation = backend.generate(task.prompt, params)
-    except Exception as error:
-        log.exception("task.failed", task=task.id)
-        memory = backend.memory()
-        return Run(
-            **fields,
-            text="",
-            prompt_tokens=0,
-            completion_tokens=0,
-            wall_seconds=0.0,
-            tokens_per_second=0.0,
-            finish_reason="error",
-            rss_bytes=memory.rss_bytes,
-            peak_rss_bytes=memory.peak_rss_bytes,
-            error=f"{type(error).__name__}: {error}",
-        )
-    memory = backend.memory()
-    return Run(
-        **fields,
-        text=generation.text,
-        prompt_tokens=generation.prompt_tokens,
-        completion_tokens=generation.completion_tokens,
-        wall_seconds=generation.wall_seconds,
-        tokens_per_second=generation.tokens_per_second,
-        finish_reason=generation.finish_reason,
-        rss_bytes=memory.rss_bytes,
-        peak_rss_bytes=memory.peak_rss_bytes,
-    )
-
-
-def task_seed(base_seed: int, cycle_id: int, task: Task) -> int:
-    """Derive a seed that differs per task and cycle but is reproducible from both."""
-    digest = hashlib.sha256(f"{base_seed}:{cycle_id}:{task.id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def weighted_sample(tasks: Sequence[Task], count: int, rng: random.Random) -> list[Task]:
-    """Pick `count` tasks without replacement, each with odds in proportion to its weight
-    (Efraimidis-Spirakis keys), keeping the book's order."""
-    keyed = sorted(tasks, key=lambda t: rng.random() ** (1.0 / t.weight), reverse=True)
-    chosen = {t.id for t in keyed[:count]}
-    return [t for t in tasks if t.id in chosen]
-
-
-def _is_due(task: Task, last_cycle: int | None, cycle_id: int) -> bool:
-    return last_cycle is None or cycle_id - last_cycle >= task.every
-
-
-def _requested_tasks(book: TaskBook, request: CycleRequest) -> list[Task]:
-    if request.task_ids:
-        known = {t.id for t in book.tasks}
-        missing = [task_id for task_id in request.task_ids if task_id not in known]
-        if missing:
-            raise KeyError(f"unknown task id(s) {', '.join(missing)}; see `a3x tasks list`")
-        return [book.by_id(task_id) for task_id in request.task_ids]
-    tasks = [t for t in book.tasks if t.domain == request.domain]
-    if not tasks:
-        raise KeyError(
-            f"no task in domain '{request.domain}'; domains: {', '.join(sorted(book.domains))}"
-        )
-    return tasks
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = round(time.perf_counter() - started, 3)
 
 
 def cycle_outcome(record: CycleRecord) -> Outcome:
@@ -346,15 +294,37 @@ def summarize(record: CycleRecord, outcome: Outcome) -> str:
     seconds = sum(run.wall_seconds for run in runs)
     speed = tokens / seconds if seconds else 0.0
     answered = sum(run.ok for run in runs)
-    mean_wall = fmean(run.wall_seconds for run in runs)
-    return f"{answered}/{len(runs)} answered, {speed:.1f} tok/s, {mean_wall:.2f} s/task"
+    planned = len(record.plan.tasks) if record.plan else len(runs)
+    parts = [f"{answered}/{planned} answered"]
+    if record.execute and record.execute.stopped_early:
+        parts[0] += " (stopped early)"
+    coherence = _cycle_score(record, "coherence", "coherence")
+    if coherence is not None:
+        parts.append(f"coherence {coherence}")
+    parts.append(f"{speed:.1f} tok/s")
+    if record.execute and not record.score:
+        parts.append(f"{fmean(run.wall_seconds for run in runs):.2f} s/task")
+    return ", ".join(parts)
+
+
+def _cycle_score(record: CycleRecord, evaluator: str, name: str) -> str | None:
+    if record.score is None:
+        return None
+    for score in record.score.scores:
+        if (
+            score.evaluator == evaluator
+            and score.name == name
+            and score.domain is None
+            and score.task_id is None
+        ):
+            change = (score.baseline or {}).get("change")
+            suffix = f" ({change:+.2f})" if change is not None else ""
+            return f"{score.value:.2f}{suffix}"
+    return None
 
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# Recovery of cycles that a killed process left unfinished
 
 
 def recover_unfinished(agent: Agent) -> list[int]:
@@ -369,8 +339,10 @@ def recover_unfinished(agent: Agent) -> list[int]:
     for row in agent.state.unfinished_cycles():
         committed = agent.logbook.committed_cycle(row.id)
         if committed is not None:
+            if agent.state.run_count(row.id) == 0:
+                agent.state.add_runs(row.id, _all_runs(committed))
             agent.state.finish_cycle(
-                row.id, committed.finished_at, committed.outcome, committed.summary, committed.runs
+                row.id, committed.finished_at, committed.outcome, committed.summary
             )
             log.info("cycle.state_synced", cycle=row.id, outcome=committed.outcome.value)
             continue
@@ -385,11 +357,16 @@ def recover_unfinished(agent: Agent) -> list[int]:
             error="found unfinished at the next start",
         )
         commit = agent.logbook.commit_cycle(record)
-        agent.state.finish_cycle(row.id, record.finished_at, Outcome.ABORTED, record.summary, ())
+        agent.state.finish_cycle(row.id, record.finished_at, Outcome.ABORTED, record.summary)
         agent.state.set_journal_commit(row.id, commit)
         log.warning("cycle.aborted_recorded", cycle=row.id, commit=commit[:12])
         recovered.append(row.id)
     return recovered
+
+
+def _all_runs(record: CycleRecord) -> tuple[Run, ...]:
+    samples = record.execute.samples if record.execute else ()
+    return (*record.runs, *samples)
 
 
 __all__ = ["Agent", "CycleRequest", "ModelInfo", "recover_unfinished"]

@@ -54,15 +54,18 @@ def prepare_home(root: Path) -> Home:
         probe.write_bytes(b"ok")
         probe.unlink()
     except PermissionError as error:
-        raise HomeError(f"A3X_HOME {root} is not writable ({error.strerror}); {hint}") from error
-    except NotADirectoryError as error:
+        raise HomeError(f"home folder {root} is not writable ({error.strerror}); {hint}") from error
+    except (NotADirectoryError, FileExistsError) as error:
         raise HomeError(
-            f"A3X_HOME {root} cannot be created: {error.filename} is a file, not a folder; {hint}"
+            f"home folder {root} cannot be created: {error.filename} is a file, not a folder; "
+            f"{hint}"
         ) from error
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise HomeError(f"A3X_HOME {root}: the disk is full; free space and retry") from error
-        raise HomeError(f"A3X_HOME {root} cannot be used ({error.strerror}); {hint}") from error
+            raise HomeError(
+                f"home folder {root}: the disk is full; free space and retry"
+            ) from error
+        raise HomeError(f"home folder {root} cannot be used ({error.strerror}); {hint}") from error
     return home
 
 

@@ -57,8 +57,9 @@ class Run:
     rss_bytes: int
     peak_rss_bytes: int
     adapters: tuple[str, ...] = ()
-    sample_index: int = 0
+    sample_index: int = 0  # 0: the task's answer; 1..N: extra samples for consistency
     error: str | None = None
+    run_id: int | None = None  # runs.id in state.sqlite, once stored
 
     @property
     def ok(self) -> bool:
@@ -70,12 +71,16 @@ class ExecuteRecord:
     runs: tuple[Run, ...]
     wall_seconds: float
     stopped_early: bool = False
+    samples: tuple[Run, ...] = ()  # extra answers to the same tasks, for consistency
 
 
 @dataclass(frozen=True)
 class IngestRecord:
     ingesters: tuple[str, ...]
     note: str
+    facts: int = 0
+    embedded: int = 0
+    wall_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,12 +94,15 @@ class Score:
     task_id: str | None = None
     domain: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
+    higher_is_better: bool | None = None  # None: a measurement with no good direction
+    baseline: dict[str, Any] | None = None  # filled by the score phase, see evaluators.baseline
 
 
 @dataclass(frozen=True)
 class ScoreRecord:
     evaluators: tuple[str, ...]
     scores: tuple[Score, ...]
+    notes: tuple[str, ...] = ()  # evaluator errors and skipped evaluators, one line each
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class CycleRecord:
     decide: DecideRecord | None = None
     retrain: RetrainRecord | None = None
     error: str | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # wall time of each phase
     schema_version: int = CYCLE_SCHEMA_VERSION
 
     def to_json(self) -> dict[str, Any]:
@@ -164,10 +173,14 @@ def cycle_from_json(data: dict[str, Any]) -> CycleRecord:
         summary=data["summary"],
         plan=_plan_from_json(plan) if plan else None,
         execute=_execute_from_json(execute) if execute else None,
-        ingest=IngestRecord(tuple(data["ingest"]["ingesters"]), data["ingest"]["note"])
+        ingest=IngestRecord(**{**data["ingest"], "ingesters": tuple(data["ingest"]["ingesters"])})
         if data.get("ingest")
         else None,
-        score=ScoreRecord(tuple(score["evaluators"]), tuple(Score(**s) for s in score["scores"]))
+        score=ScoreRecord(
+            tuple(score["evaluators"]),
+            tuple(Score(**s) for s in score["scores"]),
+            tuple(score.get("notes", ())),
+        )
         if score
         else None,
         decide=DecideRecord(tuple(Decision(**d) for d in decide["decisions"]), decide["policy"])
@@ -177,6 +190,7 @@ def cycle_from_json(data: dict[str, Any]) -> CycleRecord:
         if data.get("retrain")
         else None,
         error=data.get("error"),
+        phase_seconds=data.get("phase_seconds", {}),
     )
 
 
@@ -188,5 +202,11 @@ def _plan_from_json(plan: dict[str, Any]) -> PlanRecord:
 
 
 def _execute_from_json(execute: dict[str, Any]) -> ExecuteRecord:
-    runs = tuple(Run(**{**run, "adapters": tuple(run["adapters"])}) for run in execute["runs"])
-    return ExecuteRecord(runs, execute["wall_seconds"], execute.get("stopped_early", False))
+    def runs(key: str) -> tuple[Run, ...]:
+        return tuple(
+            Run(**{**run, "adapters": tuple(run["adapters"])}) for run in execute.get(key, ())
+        )
+
+    return ExecuteRecord(
+        runs("runs"), execute["wall_seconds"], execute.get("stopped_early", False), runs("samples")
+    )

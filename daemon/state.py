@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.records import Outcome, Run
+from daemon.records import Outcome, Run, Score
+from knowledge.graph import SCHEMA as KNOWLEDGE_SCHEMA
 
-STATE_SCHEMA_VERSION = 1
+STATE_SCHEMA_VERSION = 2
 
 # Migration N brings the schema from version N-1 to N.
 MIGRATIONS: dict[int, str] = {
@@ -51,6 +52,19 @@ MIGRATIONS: dict[int, str] = {
     );
     CREATE INDEX runs_by_task ON runs(task_id, cycle_id);
     CREATE INDEX runs_by_domain ON runs(domain, cycle_id);
+    """,
+    2: KNOWLEDGE_SCHEMA
+    + """;
+    CREATE TABLE scores (
+        cycle_id INTEGER NOT NULL,
+        evaluator TEXT NOT NULL,
+        name TEXT NOT NULL,
+        domain TEXT NOT NULL DEFAULT '',
+        task_id TEXT NOT NULL DEFAULT '',
+        value REAL NOT NULL,
+        unit TEXT NOT NULL,
+        PRIMARY KEY (cycle_id, evaluator, name, domain, task_id)
+    );
     """,
 }
 
@@ -126,21 +140,80 @@ class StateStore:
         assert cursor.lastrowid is not None
         return cursor.lastrowid
 
-    def finish_cycle(
-        self, cycle_id: int, finished_at: str, outcome: Outcome, summary: str, runs: Sequence[Run]
-    ) -> None:
+    def add_runs(self, cycle_id: int, runs: Sequence[Run]) -> list[int]:
+        """Store a cycle's runs and return their ids, in order."""
+        ids = []
         with self.transaction() as db:
-            db.executemany(
-                """INSERT INTO runs (cycle_id, task_id, domain, language, sample_index, prompt,
-                text, prompt_tokens, completion_tokens, wall_seconds, tokens_per_second,
-                finish_reason, rss_bytes, peak_rss_bytes, adapters, error)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
-                [_run_row(cycle_id, run) for run in runs],
-            )
+            for run in runs:
+                cursor = db.execute(
+                    """INSERT INTO runs (cycle_id, task_id, domain, language, sample_index,
+                    prompt, text, prompt_tokens, completion_tokens, wall_seconds,
+                    tokens_per_second, finish_reason, rss_bytes, peak_rss_bytes, adapters, error)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    _run_row(cycle_id, run),
+                )
+                ids.append(int(cursor.lastrowid or 0))
+        return ids
+
+    def finish_cycle(self, cycle_id: int, finished_at: str, outcome: Outcome, summary: str) -> None:
+        with self.transaction() as db:
             db.execute(
                 "UPDATE cycles SET finished_at = ?, outcome = ?, summary = ? WHERE id = ?",
                 (finished_at, outcome.value, summary, cycle_id),
             )
+
+    def add_scores(self, cycle_id: int, scores: Sequence[Score]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                """INSERT OR REPLACE INTO scores
+                (cycle_id, evaluator, name, domain, task_id, value, unit)
+                VALUES (?, ?, ?, ?, ?, ?, ?)""",
+                [
+                    (
+                        cycle_id,
+                        score.evaluator,
+                        score.name,
+                        score.domain or "",
+                        score.task_id or "",
+                        score.value,
+                        score.unit,
+                    )
+                    for score in scores
+                ],
+            )
+
+    def score_series(
+        self, evaluator: str | None = None, domain: str | None = None, last_cycles: int = 0
+    ) -> list[sqlite3.Row]:
+        """Return stored scores that are not per task, oldest cycle first."""
+        query = "SELECT * FROM scores WHERE task_id = ''"
+        arguments: list = []
+        if evaluator is not None:
+            query += " AND evaluator = ?"
+            arguments.append(evaluator)
+        if domain is not None:
+            query += " AND domain = ?"
+            arguments.append(domain)
+        if last_cycles:
+            query += " AND cycle_id > (SELECT coalesce(max(cycle_id), 0) FROM scores) - ?"
+            arguments.append(last_cycles)
+        return self.connection.execute(query + " ORDER BY cycle_id", arguments).fetchall()
+
+    def run_count(self, cycle_id: int) -> int:
+        return int(
+            self.connection.execute(
+                "SELECT count(*) FROM runs WHERE cycle_id = ?", (cycle_id,)
+            ).fetchone()[0]
+        )
+
+    def runs_since(self, first_cycle: int, sample_index: int | None = 0) -> list[sqlite3.Row]:
+        """Return the runs of cycles >= first_cycle (main answers only by default)."""
+        query = "SELECT * FROM runs WHERE cycle_id >= ?"
+        arguments: list = [first_cycle]
+        if sample_index is not None:
+            query += " AND sample_index = ?"
+            arguments.append(sample_index)
+        return self.connection.execute(query + " ORDER BY cycle_id, id", arguments).fetchall()
 
     def set_journal_commit(self, cycle_id: int, commit: str) -> None:
         with self.transaction() as db:

@@ -11,8 +11,16 @@ from statistics import fmean
 from typing import Any
 
 from daemon.records import Run, Score
+from evaluators.base import EvaluationContext
 
 MIN_WORDS_FOR_REPETITION = 8
+HIGHER_IS_BETTER = {
+    "empty_rate": False,
+    "repetitive_rate": False,
+    "mean_wall_seconds": False,
+    "tokens_per_second": True,
+    "peak_rss_mib": False,
+}
 
 
 def distinct_bigram_ratio(text: str) -> float | None:
@@ -35,7 +43,10 @@ class ExecutionEvaluator:
     def __init__(self, repetition_distinct_min: float = 0.5):
         self.repetition_distinct_min = repetition_distinct_min
 
-    def score(self, runs: Sequence[Run]) -> list[Score]:
+    def score(self, context: EvaluationContext) -> list[Score]:
+        return self.score_runs(context.runs)
+
+    def score_runs(self, runs: Sequence[Run]) -> list[Score]:
         scores: list[Score] = []
         for run in runs:
             scores.extend(self._task_scores(run))
@@ -93,9 +104,17 @@ class ExecutionEvaluator:
                 {"tokens": total_tokens, "seconds": round(total_seconds, 3)},
             ),
             ("mean_completion_tokens", fmean(run.completion_tokens for run in runs), "tokens", {}),
-            ("peak_rss_bytes", float(max(run.peak_rss_bytes for run in runs)), "bytes", {}),
+            ("peak_rss_mib", max(run.peak_rss_bytes for run in runs) / 2**20, "MiB", {}),
         ]
         return [
-            Score(name, value, unit, self.name, domain=domain, evidence=evidence)
+            Score(
+                name,
+                value,
+                unit,
+                self.name,
+                domain=domain,
+                evidence=evidence,
+                higher_is_better=HIGHER_IS_BETTER.get(name),
+            )
             for name, value, unit, evidence in values
         ]

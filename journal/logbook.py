@@ -117,7 +117,10 @@ class Logbook:
         self._write("index.json", json.dumps(index, indent=2, ensure_ascii=False))
         self._write("index.md", pages.index_page(index))
         message = pages.commit_message(record)
-        return self._commit([f"{name}.json", f"{name}.md", "index.json", "index.md"], message)
+        files = [f"{name}.json", f"{name}.md", "index.json", "index.md"]
+        if (self.path / "plots").is_dir():
+            files.append("plots")
+        return self._commit(files, message)
 
     def _updated_index(self, record: CycleRecord) -> list[dict]:
         index_file = self.path / "index.json"

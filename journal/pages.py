@@ -7,7 +7,8 @@ from collections import defaultdict
 from statistics import fmean
 from typing import Any
 
-from daemon.records import CycleRecord, Run, Score
+from daemon.records import CycleRecord, Run, Score, ScoreRecord
+from journal.plots import PLOTTED
 
 ANSWER_PREVIEW_CHARS = 80
 
@@ -63,7 +64,7 @@ def cycle_page(record: CycleRecord) -> str:
         _header(record),
         _domain_table(record.runs),
         _run_table(record.runs),
-        _scores(record.score.scores if record.score else ()),
+        _scores(record.score),
         _decisions(record),
         _answers(record.runs),
     ]
@@ -81,6 +82,21 @@ def _header(record: CycleRecord) -> str:
         f"sha256 {str(record.model.get('sha256', '?'))[:12]})",
         f"- Summary: {record.summary}",
     ]
+    if record.phase_seconds:
+        timings = ", ".join(
+            f"{phase} {seconds:.1f}" for phase, seconds in record.phase_seconds.items()
+        )
+        lines.append(f"- Phase wall times (s): {timings}")
+    if record.plan is not None:
+        lines.append(
+            f"- Plan: {len(record.plan.tasks)} tasks, {record.plan.reason}; "
+            f"{record.plan.skipped_not_due} not due"
+        )
+    lines.append("")
+    lines.append(
+        "Outcome `ok` means every task produced a non-empty answer; whether the answers "
+        "are right is what the scores below estimate, without labels."
+    )
     if record.error:
         lines.append(f"- Error: {record.error}")
     if record.execute and record.execute.stopped_early:
@@ -97,16 +113,22 @@ def _domain_table(runs: tuple[Run, ...]) -> str:
     lines = [
         "## Domains",
         "",
-        "| domain | runs | answered | mean tokens/s | mean wall s |",
+        "| domain | runs | answered | tokens/s | mean wall s |",
         "|---|---:|---:|---:|---:|",
     ]
     for domain, group in sorted(by_domain.items()):
         lines.append(
             f"| {domain} | {len(group)} | {sum(r.ok for r in group)} | "
-            f"{fmean(r.tokens_per_second for r in group):.1f} | "
+            f"{_speed(group):.1f} | "
             f"{fmean(r.wall_seconds for r in group):.2f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _speed(runs: list[Run]) -> float:
+    """Completion tokens over generation time, summed over the runs."""
+    seconds = sum(run.wall_seconds for run in runs)
+    return sum(run.completion_tokens for run in runs) / seconds if seconds else 0.0
 
 
 def _run_table(runs: tuple[Run, ...]) -> str:
@@ -130,31 +152,127 @@ def _run_table(runs: tuple[Run, ...]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _scores(scores: tuple[Score, ...]) -> str:
-    """Render a table per evaluator: a row per score, a column per domain, one for all."""
-    shared = [score for score in scores if score.task_id is None]
-    if not shared:
+def _scores(score_record: ScoreRecord | None) -> str:
+    """Render a table per evaluator: a row per score, a column per domain, one for all.
+
+    A cell shows the value; a change beyond noise also shows the baseline
+    mean and spread and the verdict (better, worse, up, down).
+    """
+    if score_record is None:
         return ""
+    shared = [score for score in score_record.scores if score.task_id is None]
     lines = ["## Scores", ""]
+    lines.append(
+        "Each value is compared with the mean and spread of the same score over recent "
+        "cycles; only changes beyond the noise threshold are marked."
+    )
+    lines.append("")
+    worse = [s for s in shared if (s.baseline or {}).get("verdict") == "worse"]
+    if worse:
+        lines.append(
+            "Regressed beyond noise: "
+            + ", ".join(
+                f"{s.evaluator}.{s.name} ({s.domain or 'all'}) {_cell_value(s)}" for s in worse
+            )
+        )
+        lines.append("")
+    for note in score_record.notes:
+        lines.append(f"- Note: {note}")
+    if score_record.notes:
+        lines.append("")
     for evaluator in dict.fromkeys(score.evaluator for score in shared):
         group = [score for score in shared if score.evaluator == evaluator]
         domains = sorted({score.domain for score in group if score.domain})
-        columns = [*domains, None]
-        values = {(score.name, score.domain): score.value for score in group}
+        columns: list[str | None] = [*domains, None]
+        by_key = {(score.name, score.domain): score for score in group}
         units = {score.name: score.unit for score in group}
         lines.append(f"### {evaluator}")
         lines.append("")
         lines.append("| score | unit | " + " | ".join([*domains, "all"]) + " |")
         lines.append("|---|---|" + "---:|" * len(columns))
         for name, unit in units.items():
-            cells = [_number(values.get((name, domain))) for domain in columns]
+            cells = [_cell_value(by_key.get((name, domain))) for domain in columns]
             lines.append(f"| {name} | {unit} | " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+        lines.extend(_evidence(evaluator, group, score_record.scores))
+    return "\n".join(line for line in lines) + "\n"
+
+
+def _cell_value(score: Score | None) -> str:
+    if score is None:
+        return ""
+    base = score.baseline or {}
+    verdict = base.get("verdict")
+    value = _number(score.value)
+    if verdict in ("better", "worse", "up", "down"):
+        return (
+            f"**{value}** ({verdict}; baseline {_number(base['mean'])} ± {_number(base['spread'])})"
+        )
+    if verdict == "new":
+        return f"{value} (new)"
+    return value
 
 
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
+
+
+def _evidence(evaluator: str, group: list[Score], every: tuple[Score, ...]) -> list[str]:
+    """The facts behind an evaluator's scores, as a short list."""
+    lines: list[str] = []
+    cycle = next((s for s in group if s.domain is None), None)
+    if evaluator == "coherence" and cycle is not None:
+        for item in cycle.evidence.get("contradictions", [])[:10]:
+            facts = " vs ".join(
+                f"{'NOT ' if f['negated'] else ''}{' '.join(f['triple'])} "
+                f"(task {f['task']}, cycle {f['cycle']})"
+                for f in item["facts"]
+            )
+            lines.append(f"- {item['kind']}: {facts}")
+        total = cycle.evidence.get("contradictions_total", 0)
+        lines.append(
+            f"- {total} contradiction(s) involve this cycle's facts; "
+            f"{cycle.evidence.get('window_facts', 0)} facts in the window."
+        )
+    elif evaluator == "efficiency":
+        for score in group:
+            if score.domain is None and score.name.endswith("_median_change"):
+                rising = score.evidence.get("rising", [])
+                falling = score.evidence.get("falling", [])
+                metric = score.name.removesuffix("_median_change")
+                lines.append(
+                    f"- {metric}: {score.evidence.get('tasks', 0)} tasks with a trend "
+                    f"test; rising: {', '.join(rising) or 'none'}; falling: "
+                    f"{', '.join(falling) or 'none'}"
+                )
+    elif evaluator == "consistency":
+        per_task = sorted(
+            (s for s in every if s.evaluator == evaluator and s.task_id), key=lambda s: s.value
+        )
+        for score in per_task:
+            lines.append(
+                f"- {score.task_id}: agreement {score.value:.3f} over "
+                f"{score.evidence.get('samples')} answers"
+            )
+    elif evaluator == "diversity" and cycle is not None:
+        entropy = next((s for s in group if s.name == "entropy" and s.domain is None), None)
+        if entropy is not None:
+            lines.append(
+                f"- entropy over {entropy.evidence.get('answers')} answers in "
+                f"{entropy.evidence.get('clusters')} k-means clusters"
+            )
+    elif evaluator == "perplexity":
+        for score in group:
+            lines.append(
+                f"- {score.domain}: {score.evidence.get('tokens')} held-out tokens "
+                f"from {score.evidence.get('corpus')}"
+            )
+    plotted = [
+        name for name in dict.fromkeys(s.name for s in group) if (evaluator, name) in PLOTTED
+    ]
+    for name in plotted:
+        lines.append(f"- plot: [{evaluator}-{name}.png](../plots/{evaluator}-{name}.png)")
+    return [*lines, ""] if lines else []
 
 
 def _decisions(record: CycleRecord) -> str:

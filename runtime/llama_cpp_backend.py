@@ -33,15 +33,20 @@ class LlamaCppBackend:
         self.model_path = Path(model_path)
         self.info = check_model_file(self.model_path)
         self._llama_cpp = llama_cpp
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        # llama.cpp prints notes such as "using full-size SWA cache" to stderr even
+        # with verbose=False; they would break the JSON lines of the log.
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(self.model_path),
-                n_ctx=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                seed=seed,
-                verbose=False,
-            )
+            with suppress_stdout_stderr(disable=False):
+                self.llm = llama_cpp.Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=n_ctx,
+                    n_threads=threads,
+                    n_threads_batch=threads,
+                    seed=seed,
+                    verbose=False,
+                )
         except ValueError as error:  # llama-cpp-python's message for a failed load
             raise ModelFileError(f"llama.cpp could not load {self.model_path}: {error}") from error
         self._adapters: dict[Path, ctypes.c_void_p] = {}  # loaded adapter handles by path

@@ -57,5 +57,7 @@ def env(tmp_path: Path, tiny_gguf: Path, small_book: Path) -> dict[str, str]:
         A3X_MODEL__THREADS="1",
         A3X_MODEL__N_CTX="512",
         A3X_TASKS__BOOKS=str(small_book),
+        # Command-line tests skip the evaluators that load the embedding model (8 s a process).
+        A3X_SCORE__ENABLED="execution,coherence,efficiency,perplexity",
     )
     return environ

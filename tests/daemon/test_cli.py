@@ -160,7 +160,7 @@ def test_unwritable_home_keeps_journal(env):
         result = a3x(env, "cycle")
     assert result.returncode == 2
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"a3x: error: A3X_HOME {home} is not writable")
+    assert message.startswith(f"a3x: error: home folder {home} is not writable")
     assert "--home or A3X_HOME" in message
     assert journal_state(home) == before
 
@@ -177,3 +177,41 @@ def test_no_command_prints_help(env):
     result = a3x(env)
     assert result.returncode == 2
     assert "usage: a3x" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["cycle", "--domain", ""], "--domain is empty"),
+        (["cycle", "--domain", "geography", "--task", "geo-italy"], "either --task or --domain"),
+        (["cycle", "--domain", "astrology"], "no task in domain 'astrology'"),
+        (["journal", "--last", "0"], "0 is below 1"),
+        (["--log-level", "bogus", "status"], "invalid choice: 'bogus'"),
+    ],
+)
+def test_bad_arguments_rejected(env, args, expected):
+    result = a3x(env, *args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert not (Path(env["A3X_HOME"]) / "journal" / "cycles").exists()
+
+
+def test_status_on_file_home(env, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = a3x({**env, "A3X_HOME": str(blocker)}, "status")
+    assert result.returncode == 2
+    assert f"home folder {blocker} is a file, not a folder" in result.stderr
+
+
+def test_scores_series_printed(env):
+    a3x(env, "cycle")
+    a3x(env, "cycle")
+    text = a3x(env, "scores", "--evaluator", "execution").stdout
+    header, *rows = text.splitlines()
+    assert header.split()[:3] == ["score", "1", "2"]
+    assert any(row.startswith("execution.empty_rate") for row in rows)
+    data = json.loads(a3x(env, "scores", "--domain", "geography", "--json").stdout)
+    coherence = next(item for item in data if item["score"] == "coherence.coherence")
+    assert [point["cycle"] for point in coherence["values"]] == [1, 2]
+    assert coherence["domain"] == "geography"

@@ -10,7 +10,8 @@ import threading
 import git
 import pytest
 
-from daemon.cycle import Agent, CycleRequest, plan_phase, weighted_sample
+from daemon.cycle import Agent, CycleRequest
+from daemon.phases import plan_phase, weighted_sample
 from daemon.records import Outcome
 from daemon.taskbook import load_book
 from runtime.backend import Generation
@@ -47,12 +48,14 @@ def test_cycle_committed_with_trailers(agent):
     assert message.startswith("cycle 1: ok, 5/5 answered")
     assert "A3X-Cycle: 1\n" in message
     assert "A3X-Outcome: ok" in message
-    assert sorted(repo.git.ls_files().split()) == [
+    files = repo.git.ls_files().split()
+    assert [f for f in files if not f.startswith("plots/")] == [
         "cycles/000001.json",
         "cycles/000001.md",
         "index.json",
         "index.md",
     ]
+    assert "plots/coherence-coherence.png" in files
     assert repo.is_dirty(untracked_files=True) is False
 
 
@@ -71,7 +74,11 @@ def test_cycle_rows_in_state(agent):
     db = sqlite3.connect(agent.home.state_path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("SELECT id, outcome FROM cycles").fetchall() == [(1, "ok")]
-    assert db.execute("SELECT count(*) FROM runs WHERE cycle_id = 1").fetchone()[0] == 5
+    main = "SELECT count(*) FROM runs WHERE cycle_id = 1 AND sample_index = 0"
+    samples = "SELECT count(*) FROM runs WHERE cycle_id = 1 AND sample_index > 0"
+    assert db.execute(main).fetchone()[0] == 5
+    # Consistency samples: 2 extra answers for each of up to 6 tasks, here all 5.
+    assert db.execute(samples).fetchone()[0] == 10
     commit = db.execute("SELECT journal_commit FROM cycles").fetchone()[0]
     assert commit == git.Repo(agent.home.journal_path).head.commit.hexsha
 
@@ -222,8 +229,8 @@ def test_cycle_committed_but_state_stale_is_synced(tiny_config):
     db = sqlite3.connect(tiny_config.home / "state.sqlite")
     assert db.execute("SELECT outcome FROM cycles WHERE id = 1").fetchone()[0] == "ok"
     assert db.execute("SELECT count(*) FROM runs WHERE cycle_id = 1").fetchone()[0] == len(
-        record.runs
-    )
+        record.execute.samples
+    ) + len(record.runs)
     subjects = git.Repo(tiny_config.home / "journal").git.log("--format=%s").splitlines()
     assert not any("aborted" in subject for subject in subjects)
 

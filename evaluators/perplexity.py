@@ -1,0 +1,65 @@
+"""Perplexity of the current model on held-out text of each domain.
+
+A domain's held-out text is the start of its reference corpus: the `.txt`
+files of its folder in name order, joined and cut at about
+`perplexity_tokens` tokens (4 characters each, cut at a space). The text is
+the same every cycle, so the series compares models, not texts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import structlog
+
+from daemon.records import Score
+from evaluators.base import EvaluationContext
+
+log = structlog.get_logger(__name__)
+
+CHARS_PER_TOKEN = 4  # rough average for English and Portuguese prose with Gemma's tokenizer
+
+
+def held_out_text(corpus: Path, tokens: int) -> str:
+    """The first ~`tokens` tokens of a corpus folder's text files, in name order."""
+    parts = []
+    for file in sorted(corpus.glob("*.txt")):
+        parts.append(file.read_text(encoding="utf-8").strip())
+    text = "\n\n".join(parts)
+    limit = tokens * CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit)
+    return text[: cut if cut > 0 else limit]
+
+
+class PerplexityEvaluator:
+    name = "perplexity"
+
+    def score(self, context: EvaluationContext) -> list[Score]:
+        if context.backend is None:
+            return []
+        scores = []
+        for name, domain in sorted(context.domains.items()):
+            if domain.reference_corpus is None:
+                continue
+            try:
+                text = held_out_text(domain.reference_corpus, context.config.perplexity_tokens)
+            except (OSError, UnicodeDecodeError) as error:
+                log.error("perplexity.corpus_unreadable", domain=name, error=str(error))
+                continue
+            if not text:
+                continue
+            result = context.backend.log_likelihood(text)
+            scores.append(
+                Score(
+                    "perplexity",
+                    result.perplexity,
+                    "perplexity",
+                    self.name,
+                    domain=name,
+                    higher_is_better=False,
+                    evidence={"tokens": result.tokens, "corpus": str(domain.reference_corpus)},
+                )
+            )
+        return scores

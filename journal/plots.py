@@ -1,0 +1,64 @@
+"""PNG plots of score series for the journal, one file per score, redrawn each cycle."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: plots are files
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# The series worth a picture; per-task series stay in state.sqlite and `a3x scores`.
+PLOTTED = (
+    ("execution", "tokens_per_second"),
+    ("execution", "empty_rate"),
+    ("coherence", "coherence"),
+    ("diversity", "entropy"),
+    ("diversity", "distinct_2"),
+    ("diversity", "drift"),
+    ("efficiency", "wall_seconds_median_change"),
+    ("consistency", "agreement"),
+    ("perplexity", "perplexity"),
+)
+PLOTTED_CYCLES = 200
+
+
+def write_plots(state: Any, folder: Path) -> list[Path]:
+    """Draw each plotted series of the last cycles as `<evaluator>-<name>.png`."""
+    rows = state.score_series(last_cycles=PLOTTED_CYCLES)
+    series: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for row in rows:
+        key = (row["evaluator"], row["name"])
+        if key in PLOTTED:
+            series[key][row["domain"] or "all"].append((row["cycle_id"], row["value"]))
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (evaluator, name), lines in sorted(series.items()):
+        written.append(_plot(folder / f"{evaluator}-{name}.png", f"{evaluator}: {name}", lines))
+    return written
+
+
+def _plot(path: Path, title: str, lines: dict[str, list[tuple[int, float]]]) -> Path:
+    figure, axes = plt.subplots(figsize=(6, 3), dpi=80)
+    for label, points in sorted(lines.items(), key=lambda item: item[0] != "all"):
+        cycles, values = zip(*points, strict=True)
+        style = {"linewidth": 2.2, "color": "black"} if label == "all" else {"linewidth": 1}
+        axes.plot(cycles, values, marker="." if len(points) < 30 else None, label=label, **style)
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel("cycle", fontsize=8)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.tick_params(labelsize=7)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=6, loc="best", ncol=3)
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png", metadata={"Software": None})
+    plt.close(figure)
+    temporary.replace(path)
+    return path
