@@ -29,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = {
     "a (tuning)": ROOT / "tests" / "data" / "coherence_a.json",
-    "b (held out)": ROOT / "tests" / "data" / "coherence_b.json",
+    "b (held out, then used)": ROOT / "tests" / "data" / "coherence_b.json",
+    "c (held out)": ROOT / "tests" / "data" / "coherence_c.json",
 }
 
 

@@ -13,7 +13,7 @@ CASES = [
     ("The Nile does not flow into the Red Sea.", ("nile", "flows_into", "red sea", True)),
     ("Water boils at 100 degrees Celsius.", ("water", "boils_at", "100 c", False)),
     ("A água ferve a 0 graus Celsius.", ("water", "boils_at", "0 c", False)),
-    ("Water freezes at 32 degrees Fahrenheit.", ("water", "freezes_at", "32 f", False)),
+    ("Water freezes at 32 degrees Fahrenheit.", ("water", "freezes_at", "0 c", False)),
     ("Jupiter is the largest planet in the solar system.", ("planet", "largest", "jupiter", False)),
     ("The largest animal is the blue whale.", ("animal", "largest", "blue whale", False)),
     ("O maior planeta é o Sol.", ("planet", "largest", "sun", False)),

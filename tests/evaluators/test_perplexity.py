@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from daemon.config import ScoreConfig
+from daemon.taskbook import Domain
+from evaluators.base import EvaluationContext
+from evaluators.perplexity import PerplexityEvaluator, held_out_text
+
+
+def test_held_out_text_cut_at_space(tmp_path: Path):
+    (tmp_path / "b.txt").write_text("second file")
+    (tmp_path / "a.txt").write_text("alpha beta gamma delta")
+    assert held_out_text(tmp_path, 100) == "alpha beta gamma delta\n\nsecond file"
+    assert held_out_text(tmp_path, 4) == "alpha beta"  # 16 characters, cut at a space
+
+
+def test_perplexity_per_domain(tiny_gguf: Path, tmp_path: Path):
+    from runtime.llama_cpp_backend import LlamaCppBackend
+
+    corpus = tmp_path / "geo"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("the capital of france is paris and the river is long")
+    broken = tmp_path / "bad"
+    broken.mkdir()
+    (broken / "a.txt").write_bytes(b"\xff\xfe invalid utf-8")
+    backend = LlamaCppBackend(tiny_gguf, n_ctx=512, threads=1)
+    domains = {
+        "geo": Domain("geo", reference_corpus=corpus),
+        "bad": Domain("bad", reference_corpus=broken),
+        "none": Domain("none"),
+    }
+    context = EvaluationContext(cycle_id=1, runs=(), config=ScoreConfig(), backend=backend,
+                                domains=domains)
+    scores = PerplexityEvaluator().score(context)
+    backend.close()
+    assert [s.domain for s in scores] == ["geo"]
+    assert scores[0].value > 1.0
+    assert scores[0].evidence["tokens"] > 10
+    assert scores[0].higher_is_better is False
