@@ -140,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate_evaluators.add_arguments(validation)
     validation.set_defaults(handler=validate_evaluators.command)
+
+    from bench import score_cost
+
+    cost = bench_commands.add_parser(
+        "score-cost", help="cycle time with every evaluator against execution metrics only"
+    )
+    score_cost.add_arguments(cost)
+    cost.set_defaults(handler=score_cost.command)
     return parser
 
 

@@ -68,9 +68,10 @@ class ScoreConfig:
     efficiency_window: int = 20  # cycles of history for cost trends
     alpha: float = 0.05  # significance level of trend tests
     consistency_samples: int = 2  # extra sampled answers per checked task
-    consistency_tasks: int = 6  # tasks checked for consistency per cycle, in rotation
+    consistency_tasks: int = 2  # tasks checked for consistency per cycle, in rotation
     consistency_temperature: float = 0.7
-    perplexity_tokens: int = 192  # held-out tokens scored per domain (about 4 characters each)
+    perplexity_tokens: int = 128  # held-out tokens scored per domain (about 4 characters each)
+    perplexity_domains: int = 1  # domains scored per cycle, in rotation (0: all)
 
 
 @dataclass(frozen=True)
@@ -295,6 +296,7 @@ def _validate(config: Config) -> None:
         (score.consistency_samples >= 1, "[score] consistency_samples must be at least 1"),
         (score.consistency_tasks >= 0, "[score] consistency_tasks must be 0 (off) or more"),
         (score.perplexity_tokens >= 16, "[score] perplexity_tokens must be at least 16"),
+        (score.perplexity_domains >= 0, "[score] perplexity_domains must be 0 (all) or more"),
     ]
     for ok, message in checks:
         if not ok:

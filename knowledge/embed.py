@@ -30,6 +30,9 @@ class Embedder:
     def __init__(self, model_path: Path | None = None, threads: int | None = None):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # keeps the JSON log free of bars
 
         path = model_path or default_embedding_model_path()
         try:

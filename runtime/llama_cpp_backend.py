@@ -14,10 +14,11 @@ from runtime.backend import ActiveAdapter, Generation, LogLikelihood, MemoryUsag
 from runtime.gguf_file import ModelFileError, check_model_file, inspect_gguf
 from runtime.memory import process_memory
 
-# Tokens per llama_decode call when scoring a text. Each call asks llama.cpp
-# for logits of every token, n_vocab floats each (262,144 for Gemma 3), so
-# 32 tokens cost 32 MiB of logits.
-SCORE_CHUNK_TOKENS = 32
+# Tokens per llama_decode call when scoring a text. Each call requests logits
+# for every token, n_vocab floats each (262,144 for Gemma 3), so 64 tokens
+# take 64 MiB of logits. Larger chunks run faster per token (128 tokens took
+# 2.5x less time per token than 32 in a run on 2 cores) but hold more memory.
+SCORE_CHUNK_TOKENS = 64
 
 
 class AdapterError(Exception):
@@ -100,8 +101,7 @@ class LlamaCppBackend:
                     self.llm._ctx.get_logits(), shape=(len(chunk), n_vocab)
                 )
                 targets = np.asarray(tokens[start + 1 : start + 1 + len(chunk)])
-                rows = logits[: len(targets)].astype(np.float64)
-                total += float(np.sum(_log_softmax_at(rows, targets)))
+                total += float(np.sum(_log_softmax_at(logits[: len(targets)], targets)))
         finally:
             batch.close()
             self._reset_context()
@@ -166,7 +166,9 @@ class LlamaCppBackend:
 
 
 def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(target) per row, computed stably in float64."""
-    peak = logits.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(logits - peak).sum(axis=1)) + peak[:, 0]
-    return logits[np.arange(len(targets)), targets] - log_norm
+    """log p(target) per row. exp runs in float32 (a float64 copy of 64 rows of a
+    262k vocabulary costs more than the decode); the sums are taken in float64."""
+    peak = logits.max(axis=1)
+    shifted = np.exp(logits - peak[:, None])
+    log_norm = np.log(shifted.sum(axis=1, dtype=np.float64)) + peak
+    return logits[np.arange(len(targets)), targets].astype(np.float64) - log_norm

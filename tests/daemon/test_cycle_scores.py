@@ -44,7 +44,12 @@ def test_cycle_has_every_evaluator(tiny_config):
     record = agent.run_cycle()
     agent.close()
     assert record.score.evaluators == (
-        "execution", "coherence", "diversity", "efficiency", "consistency", "perplexity"
+        "execution",
+        "coherence",
+        "diversity",
+        "efficiency",
+        "consistency",
+        "perplexity",
     )
     assert record.score.notes == ()
     names = {(s.evaluator, s.name) for s in record.score.scores}
@@ -56,10 +61,13 @@ def test_cycle_has_every_evaluator(tiny_config):
 
 
 def test_contradiction_reaches_journal(tiny_config):
-    agent = scripted_agent(tiny_config, {
-        "France": "The capital of France is Paris.",
-        "Italy": "The capital of France is Lyon.",
-    })
+    agent = scripted_agent(
+        tiny_config,
+        {
+            "France": "The capital of France is Paris.",
+            "Italy": "The capital of France is Lyon.",
+        },
+    )
     record = agent.run_cycle()
     agent.close()
     scores = scores_of(record)
@@ -74,12 +82,18 @@ def test_contradiction_reaches_journal(tiny_config):
 
 
 def test_baseline_flags_drop_after_history(tiny_config):
-    agreeing = {"France": "The capital of France is Paris.", "Italy": "Rome is the capital of Italy."}
+    agreeing = {
+        "France": "The capital of France is Paris.",
+        "Italy": "Rome is the capital of Italy.",
+    }
     agent = scripted_agent(tiny_config, agreeing)
     for _ in range(4):
         agent.run_cycle()
     agent.close()
-    clashing = {"France": "The capital of France is Paris.", "Italy": "The capital of France is Nice."}
+    clashing = {
+        "France": "The capital of France is Paris.",
+        "Italy": "The capital of France is Nice.",
+    }
     agent = scripted_agent(tiny_config, clashing)
     record = agent.run_cycle()
     agent.close()

@@ -32,8 +32,11 @@ def test_short_history_is_new():
 
 
 def test_domain_regression_not_hidden_by_average():
-    rows = [{"cycle_id": c, "evaluator": "coherence", "name": "coherence", "domain": d, "value": v}
-            for c in (1, 2, 3, 4) for d, v in (("geo", 0.95), ("code", 0.80), ("", 0.875))]
+    rows = [
+        {"cycle_id": c, "evaluator": "coherence", "name": "coherence", "domain": d, "value": v}
+        for c in (1, 2, 3, 4)
+        for d, v in (("geo", 0.95), ("code", 0.80), ("", 0.875))
+    ]
     history = history_by_series(rows, before_cycle=5, window=10)
     scores = [
         Score("coherence", 0.99, "ratio", "coherence", domain="code", higher_is_better=True),
@@ -46,6 +49,8 @@ def test_domain_regression_not_hidden_by_average():
 
 
 def test_history_window_excludes_current_and_old():
-    rows = [{"cycle_id": c, "evaluator": "e", "name": "n", "domain": "", "value": float(c)}
-            for c in range(1, 15)]
+    rows = [
+        {"cycle_id": c, "evaluator": "e", "name": "n", "domain": "", "value": float(c)}
+        for c in range(1, 15)
+    ]
     assert history_by_series(rows, before_cycle=12, window=3)[("e", "n", "")] == [9.0, 10.0, 11.0]

@@ -20,35 +20,51 @@ def answers(*texts: str) -> list[dict]:
 
 
 def test_functional_conflict_found():
-    assert detected_pairs(answers(
-        "Canberra is the capital of Australia.", "The capital of Australia is Sydney."
-    )) == {(0, 1)}
+    assert detected_pairs(
+        answers("Canberra is the capital of Australia.", "The capital of Australia is Sydney.")
+    ) == {(0, 1)}
 
 
 def test_negation_conflict_found():
-    assert detected_pairs(answers(
-        "Sydney is not the capital of Australia.", "Sydney is the capital of Australia."
-    )) == {(0, 1)}
+    assert detected_pairs(
+        answers("Sydney is not the capital of Australia.", "Sydney is the capital of Australia.")
+    ) == {(0, 1)}
 
 
 def test_is_a_cycle_found():
-    pairs = detected_pairs(answers(
-        "A sparrow is a bird.", "A bird is an animal.", "An animal is a sparrow.", "A rose is a flower."
-    ))
+    pairs = detected_pairs(
+        answers(
+            "A sparrow is a bird.",
+            "A bird is an animal.",
+            "An animal is a sparrow.",
+            "A rose is a flower.",
+        )
+    )
     assert pairs == {(0, 1), (0, 2), (1, 2)}
 
 
 def test_same_fact_twice_agrees():
-    assert detected_pairs(answers(
-        "Paris is the capital of France.", "The capital of France is Paris.",
-        "A capital da França é Paris.", "Paris is in France.", "Paris is in Europe.",
-    )) == set()
+    assert (
+        detected_pairs(
+            answers(
+                "Paris is the capital of France.",
+                "The capital of France is Paris.",
+                "A capital da França é Paris.",
+                "Paris is in France.",
+                "Paris is in Europe.",
+            )
+        )
+        == set()
+    )
 
 
 def test_celsius_and_fahrenheit_agree():
-    assert detected_pairs(answers(
-        "Water boils at 100 degrees Celsius.", "Water boils at 212 degrees Fahrenheit."
-    )) == set()
+    assert (
+        detected_pairs(
+            answers("Water boils at 100 degrees Celsius.", "Water boils at 212 degrees Fahrenheit.")
+        )
+        == set()
+    )
 
 
 def test_arithmetic_answers_compared_per_task():
@@ -80,23 +96,40 @@ def scored(texts: list[str], cycle: int = 1, window: int = 10):
     runs = []
     for index, text in enumerate(texts):
         task = f"t{index}"
-        graph.add_facts(Provenance(None, cycle, task, "geo"), PatternExtractor().extract(text, task))
-        runs.append(Run(task_id=task, domain="geo", language="en", prompt="", text=text,
-                        prompt_tokens=1, completion_tokens=1, wall_seconds=1.0,
-                        tokens_per_second=1.0, finish_reason="stop", rss_bytes=0,
-                        peak_rss_bytes=0))
-    context = EvaluationContext(cycle_id=cycle, runs=tuple(runs),
-                                config=ScoreConfig(window=window), graph=graph)
+        graph.add_facts(
+            Provenance(None, cycle, task, "geo"), PatternExtractor().extract(text, task)
+        )
+        runs.append(
+            Run(
+                task_id=task,
+                domain="geo",
+                language="en",
+                prompt="",
+                text=text,
+                prompt_tokens=1,
+                completion_tokens=1,
+                wall_seconds=1.0,
+                tokens_per_second=1.0,
+                finish_reason="stop",
+                rss_bytes=0,
+                peak_rss_bytes=0,
+            )
+        )
+    context = EvaluationContext(
+        cycle_id=cycle, runs=tuple(runs), config=ScoreConfig(window=window), graph=graph
+    )
     return {(s.name, s.domain, s.task_id): s for s in CoherenceEvaluator().score(context)}
 
 
 def test_coherence_value_weighted_by_confidence():
-    scores = scored([
-        "Canberra is the capital of Australia.",  # pattern fact, confidence 0.9
-        "The capital of Australia is Sydney.",  # 0.9, contradicts the first
-        "A whale is a mammal.",  # is-a fact, confidence 0.6
-        "Lisbon is in Portugal.",  # 0.9
-    ])
+    scores = scored(
+        [
+            "Canberra is the capital of Australia.",  # pattern fact, confidence 0.9
+            "The capital of Australia is Sydney.",  # 0.9, contradicts the first
+            "A whale is a mammal.",  # is-a fact, confidence 0.6
+            "Lisbon is in Portugal.",  # 0.9
+        ]
+    )
     # Contradicted weight 1.8 of 3.3 in total.
     assert scores[("coherence", None, None)].value == pytest.approx(1 - 1.8 / 3.3)
     assert scores[("facts", None, None)].value == 4
@@ -118,7 +151,11 @@ def test_old_contradictions_leave_window():
     store = StateStore(Path(":memory:"))
     graph = KnowledgeGraph(store.connection)
     extract = PatternExtractor().extract
-    graph.add_facts(Provenance(None, 1, "t0", "geo"), extract("The capital of Peru is Quito.", "t0"))
-    graph.add_facts(Provenance(None, 20, "t1", "geo"), extract("The capital of Peru is Lima.", "t1"))
+    graph.add_facts(
+        Provenance(None, 1, "t0", "geo"), extract("The capital of Peru is Quito.", "t0")
+    )
+    graph.add_facts(
+        Provenance(None, 20, "t1", "geo"), extract("The capital of Peru is Lima.", "t1")
+    )
     assert len(find_contradictions(graph.facts())) == 1
     assert find_contradictions(graph.facts(since_cycle=11)) == []

@@ -16,7 +16,10 @@ def test_steady_slowdown_detected():
 
 def test_constant_series_has_no_trend():
     assert trend([1, 2, 3, 4], [2.0, 2.0, 2.0, 2.0], 0.05) == {
-        "slope": 0.0, "p_value": 1.0, "trend": 0.0, "relative_change": 0.0
+        "slope": 0.0,
+        "p_value": 1.0,
+        "trend": 0.0,
+        "relative_change": 0.0,
     }
 
 

@@ -28,11 +28,25 @@ def test_perplexity_per_domain(tiny_gguf: Path, tmp_path: Path):
         "bad": Domain("bad", reference_corpus=broken),
         "none": Domain("none"),
     }
-    context = EvaluationContext(cycle_id=1, runs=(), config=ScoreConfig(), backend=backend,
-                                domains=domains)
+    context = EvaluationContext(
+        cycle_id=1,
+        runs=(),
+        config=ScoreConfig(perplexity_domains=0),
+        backend=backend,
+        domains=domains,
+    )
     scores = PerplexityEvaluator().score(context)
     backend.close()
     assert [s.domain for s in scores] == ["geo"]
     assert scores[0].value > 1.0
     assert scores[0].evidence["tokens"] > 10
     assert scores[0].higher_is_better is False
+
+
+def test_rotation_visits_every_domain():
+    from evaluators.perplexity import rotation
+
+    names = ["a", "b", "c"]
+    assert [rotation(names, 1, cycle)[0] for cycle in range(1, 7)] == ["b", "c", "a", "b", "c", "a"]
+    assert rotation(names, 0, 5) == names
+    assert rotation(names, 2, 1) == ["c", "a"]

@@ -9,7 +9,10 @@ CASES = [
     ("A capital da Austrália é Sydney.", ("australia", "capital", "sydney", False)),
     ("Brasília é a capital do Brasil.", ("brazil", "capital", "brasilia", False)),
     ("Lisboa não é a capital da Espanha.", ("spain", "capital", "lisbon", True)),
-    ("O rio Amazonas deságua no oceano Atlântico.", ("amazon", "flows_into", "atlantic ocean", False)),
+    (
+        "O rio Amazonas deságua no oceano Atlântico.",
+        ("amazon", "flows_into", "atlantic ocean", False),
+    ),
     ("The Nile does not flow into the Red Sea.", ("nile", "flows_into", "red sea", True)),
     ("Water boils at 100 degrees Celsius.", ("water", "boils_at", "100 c", False)),
     ("A água ferve a 0 graus Celsius.", ("water", "boils_at", "0 c", False)),
@@ -67,7 +70,10 @@ def test_normalize_drops_articles_and_accents():
 def test_model_fact_parsed():
     fact = parse_model_fact(" NOT Nile | flows_into | Red Sea", "s")
     assert (fact.subject, fact.relation, fact.object, fact.negated) == (
-        "nile", "flows_into", "red sea", True
+        "nile",
+        "flows_into",
+        "red sea",
+        True,
     )
     assert parse_model_fact(" Nile | borders | Egypt", "s") is None
     assert parse_model_fact("no triple here", "s") is None

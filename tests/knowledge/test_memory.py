@@ -48,7 +48,9 @@ def test_wrong_dimension_raises(tmp_path: Path):
     memory = AnswerMemory(tmp_path / "memory.faiss", 8)
     memory.add([1], unit_vectors(1))
     memory.save()
-    with pytest.raises(MemoryFileError, match="dimension 8; A3X expects an IndexIDMap2 of dimension 384"):
+    with pytest.raises(
+        MemoryFileError, match="dimension 8; A3X expects an IndexIDMap2 of dimension 384"
+    ):
         AnswerMemory(tmp_path / "memory.faiss", 384)
 
 
