@@ -68,9 +68,9 @@ class ScoreConfig:
     efficiency_window: int = 20  # cycles of history for cost trends
     alpha: float = 0.05  # significance level of trend tests
     consistency_samples: int = 2  # extra sampled answers per checked task
-    consistency_tasks: int = 2  # tasks checked for consistency per cycle, in rotation
+    consistency_tasks: int = 1  # tasks checked for consistency per cycle, in rotation
     consistency_temperature: float = 0.7
-    perplexity_tokens: int = 128  # held-out tokens scored per domain (about 4 characters each)
+    perplexity_tokens: int = 96  # held-out tokens scored per domain (about 4 characters each)
     perplexity_domains: int = 1  # domains scored per cycle, in rotation (0: all)
 
 

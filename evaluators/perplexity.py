@@ -25,7 +25,7 @@ CHARS_PER_TOKEN = 4  # rough average for English and Portuguese prose with Gemma
 
 
 def held_out_text(corpus: Path, tokens: int) -> str:
-    """The first ~`tokens` tokens of a corpus folder's text files, in name order."""
+    """Return the first ~`tokens` tokens of a corpus folder's text files, in name order."""
     parts = []
     for file in sorted(corpus.glob("*.txt")):
         parts.append(file.read_text(encoding="utf-8").strip())
@@ -38,7 +38,7 @@ def held_out_text(corpus: Path, tokens: int) -> str:
 
 
 def rotation(names: list[str], count: int, cycle_id: int) -> list[str]:
-    """The `count` names due this cycle, cycling through all of them; every name for 0."""
+    """Return the `count` names due this cycle, cycling through all of them (all for 0)."""
     if count <= 0 or count >= len(names):
         return names
     start = (cycle_id * count) % len(names)

@@ -60,7 +60,7 @@ class Embedder:
 
 @functools.lru_cache(maxsize=2)
 def shared_embedder(model_path: Path | None = None) -> Embedder:
-    """One embedder per model path and process: loading MiniLM takes seconds."""
+    """Return one embedder per model path and process, since loading MiniLM takes seconds."""
     return Embedder(model_path)
 
 
