@@ -6,10 +6,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from daemon.config import Config, ConfigError, load_config
+from daemon.control import ControlClient, ControlError, socket_path
 from daemon.home import CycleBusyError, Home, HomeError
 from daemon.logs import configure_logging
 from daemon.records import CycleRecord, Outcome, RecordVersionError
@@ -22,6 +24,7 @@ from runtime.gguf_file import ModelFileError
 # Errors that come from the user's input or environment: printed as one clear
 # message with exit code 2, never as a traceback.
 USER_ERRORS = (
+    ControlError,
     ConfigError,
     TaskBookError,
     ModelFileError,
@@ -84,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cycle.add_argument("--domain", help="run only the tasks of this domain")
     cycle.add_argument("--json", action="store_true", help="print the cycle record as JSON")
+    cycle.add_argument(
+        "--wait", action="store_true", help="with a running daemon, wait for the cycle's result"
+    )
     cycle.set_defaults(handler=command_cycle)
 
     scores = commands.add_parser("scores", help="print the score series of recent cycles")
@@ -98,6 +104,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scores.add_argument("--json", action="store_true")
     scores.set_defaults(handler=command_scores)
+
+    for name, text in (
+        ("pause", "pause the daemon's schedule"),
+        ("resume", "resume the daemon's schedule"),
+        ("reload", "make the daemon re-read its configuration and task books"),
+    ):
+        control = commands.add_parser(name, help=text)
+        control.set_defaults(handler=command_control, control_command=name)
+
+    failures = commands.add_parser(
+        "failures", help="failed, aborted and degraded cycles and rejected adapters"
+    )
+    failures.add_argument(
+        "--since",
+        type=date_argument,
+        metavar="DATE",
+        help="only entries since this date (YYYY-MM-DD, UTC)",
+    )
+    failures.add_argument("--domain", help="only entries that name this domain")
+    failures.add_argument("--json", action="store_true")
+    failures.set_defaults(handler=command_failures)
+
+    show = commands.add_parser("show", help="print one cycle's journal page")
+    show.add_argument("cycle", type=positive_int, metavar="CYCLE")
+    show.add_argument("--json", action="store_true", help="print the cycle record instead")
+    show.set_defaults(handler=command_show)
+
+    service = commands.add_parser("service", help="install A3X as a systemd service")
+    service_commands = service.add_subparsers(
+        dest="service_command", metavar="ACTION", required=True
+    )
+    install = service_commands.add_parser("install", help="write and enable the unit file")
+    install.add_argument(
+        "--user",
+        action="store_true",
+        help="a user unit in ~/.config/systemd/user (the default when not root)",
+    )
+    install.add_argument(
+        "--output", type=Path, metavar="FILE", help="write the unit to FILE and enable nothing"
+    )
+    install.set_defaults(handler=command_service_install)
 
     status = commands.add_parser("status", help="show the home, model, tasks and last cycle")
     status.add_argument("--json", action="store_true")
@@ -161,6 +208,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def date_argument(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date like 2026-12-31") from None
+
+
 def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, home=args.home)
 
@@ -180,7 +234,13 @@ def command_cycle(args: argparse.Namespace) -> int:
         raise KeyError("--domain is empty; give a domain name, see `a3x tasks list`")
     if args.domain and args.task:
         raise KeyError("give either --task or --domain, not both")
-    agent = Agent(_config(args))
+    config = _config(args)
+    client = ControlClient(socket_path(config.home))
+    if client.available():
+        return cycle_through_daemon(client, args, Home(config.home))
+    if args.wait:
+        print("no daemon runs for this home; running the cycle here", file=sys.stderr)
+    agent = Agent(config)
     try:
         request = CycleRequest(trigger="manual", task_ids=tuple(args.task), domain=args.domain)
         record = agent.run_cycle(request)
@@ -191,6 +251,26 @@ def command_cycle(args: argparse.Namespace) -> int:
     else:
         print_cycle_summary(record, agent.logbook)
     return EXIT_CYCLE_FAILED if record.outcome is Outcome.FAILED else EXIT_OK
+
+
+def cycle_through_daemon(client: ControlClient, args: argparse.Namespace, home: Home) -> int:
+    """Ask the running daemon for a cycle; print its id, and its result with --wait."""
+    message: dict[str, Any] = {"command": "cycle", "tasks": args.task, "wait": args.wait}
+    if args.domain:
+        message["domain"] = args.domain
+    for reply in client.request(message, timeout=None if args.wait else 60.0):
+        if not reply.get("ok"):
+            raise CycleBusyError(f"the daemon did not run the cycle: {reply.get('error')}")
+        if reply.get("state") == "started":
+            print(f"cycle {reply['cycle']} started by the daemon")
+            if not args.wait:
+                return EXIT_OK
+        elif reply.get("state") == "finished":
+            print(f"cycle {reply['cycle']}: {reply['outcome']}, {reply['summary']}")
+            page = home.journal_path / "cycles" / f"{reply['cycle']:06d}.md"
+            print(f"page:    {page}")
+            return EXIT_CYCLE_FAILED if reply["outcome"] == "failed" else EXIT_OK
+    raise ControlError("the daemon closed the connection before the cycle finished")
 
 
 def print_cycle_summary(record: CycleRecord, logbook: Logbook) -> None:
@@ -233,10 +313,19 @@ def command_status(args: argparse.Namespace) -> int:
             status["last_cycle"] = last.__dict__ if last else None
         finally:
             state.close()
+    client = ControlClient(socket_path(home.root))
+    status["daemon"] = next(client.request({"command": "status"})) if client.available() else None
     if args.json:
         print(json.dumps(status, indent=2))
         return EXIT_OK
     print(f"home:     {status['home']}")
+    service = status["daemon"]
+    if service:
+        running = f", running cycle {service['running_cycle']}" if service["running_cycle"] else ""
+        schedule = "paused" if service["paused"] else f"next cycle at {service['next_run']}"
+        print(f"daemon:   running, {schedule}{running}")
+    else:
+        print("daemon:   not running")
     print(f"config:   {status['config'] or 'none (defaults)'}")
     default = " (default: Gemma 3 270M Q4_K_M)" if status["model"]["default"] else ""
     print(f"model:    {status['model']['path']}{default} via {status['model']['backend']}")
@@ -257,11 +346,7 @@ def command_status(args: argparse.Namespace) -> int:
 
 
 def command_journal(args: argparse.Namespace) -> int:
-    config = _config(args)
-    home = Home(config.home)
-    if not (home.journal_path / ".git").exists():
-        raise JournalError(f"no journal at {home.journal_path} yet; run `a3x cycle` first")
-    logbook = Logbook(home.journal_path)
+    logbook = _existing_logbook(Home(_config(args).home))
     entries = list(logbook.entries(last=args.last))
     if args.json:
         print(json.dumps([entry.__dict__ for entry in entries], indent=2, ensure_ascii=False))
@@ -311,6 +396,59 @@ def command_scores(args: argparse.Namespace) -> int:
     for key, values in series.items():
         cells = "  ".join(f"{values[c]:>9.4g}" if c in values else " " * 9 for c in cycles)
         print(f"{key:{width}}  {cells}  {units[key]}")
+    return EXIT_OK
+
+
+def command_control(args: argparse.Namespace) -> int:
+    config = _config(args)
+    client = ControlClient(socket_path(config.home))
+    if not client.available():
+        raise ControlError(f"no a3x daemon runs for home {config.home}; start it with `a3x run`")
+    reply = next(client.request({"command": args.control_command}))
+    if not reply.get("ok"):
+        raise ControlError(f"the daemon rejected {args.control_command}: {reply.get('error')}")
+    print(f"{args.control_command}: done")
+    return EXIT_OK
+
+
+def command_failures(args: argparse.Namespace) -> int:
+    from journal.history import failures
+
+    config = _config(args)
+    logbook = _existing_logbook(Home(config.home))
+    found = failures(logbook, since=args.since, domain=args.domain)
+    if args.json:
+        print(json.dumps([f.__dict__ for f in found], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for failure in found:
+        print(f"{failure.commit[:12]}  {failure.date}  {failure.kind:8} {failure.reason}")
+    if not found:
+        print("no failures recorded")
+    return EXIT_OK
+
+
+def command_show(args: argparse.Namespace) -> int:
+    logbook = _existing_logbook(Home(_config(args).home))
+    record = logbook.read_cycle(args.cycle)
+    if args.json:
+        print(json.dumps(record.to_json(), indent=2, ensure_ascii=False))
+    else:
+        print(logbook.cycle_page_path(args.cycle).read_text(encoding="utf-8"), end="")
+    return EXIT_OK
+
+
+def _existing_logbook(home: Home) -> Logbook:
+    if not (home.journal_path / ".git").exists():
+        raise JournalError(f"no journal at {home.journal_path} yet; run `a3x cycle` first")
+    return Logbook(home.journal_path)
+
+
+def command_service_install(args: argparse.Namespace) -> int:
+    from daemon.unit import install_unit
+
+    config = _config(args)
+    path = install_unit(config, user=args.user, output=args.output)
+    print(f"unit written: {path}")
     return EXIT_OK
 
 

@@ -139,9 +139,15 @@ class Agent:
         self.state.close()
 
     def run_cycle(
-        self, request: CycleRequest | None = None, stop: threading.Event | None = None
+        self,
+        request: CycleRequest | None = None,
+        stop: threading.Event | None = None,
+        on_started: Callable[[int], None] | None = None,
     ) -> CycleRecord:
-        """Run one cycle under the cycle lock and commit its record to the journal."""
+        """Run one cycle under the cycle lock and commit its record to the journal.
+
+        `on_started` gets the cycle id as soon as the cycle is numbered.
+        """
         request = request or CycleRequest()
         stop = stop or threading.Event()
         if request.task_ids or request.domain:
@@ -151,6 +157,8 @@ class Agent:
             started_at = utc_now()
             cycle_id = self.state.begin_cycle(started_at, request.trigger)
             log.info("cycle.started", cycle=cycle_id, trigger=request.trigger)
+            if on_started is not None:
+                on_started(cycle_id)
             record = self._run_phases(cycle_id, started_at, request, stop)
             record = self._record(record)
         log.info(
