@@ -195,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score_cost.add_arguments(cost)
     cost.set_defaults(handler=score_cost.command)
+
+    from bench import resilience
+
+    kill = bench_commands.add_parser(
+        "kill", help="SIGKILL a real daemon at random moments and check nothing is lost"
+    )
+    resilience.add_kill_arguments(kill)
+    kill.set_defaults(handler=resilience.kill_command)
+    soak = bench_commands.add_parser("soak", help="run many cycles and watch memory and files")
+    resilience.add_soak_arguments(soak)
+    soak.set_defaults(handler=resilience.soak_command)
     return parser
 
 

@@ -261,8 +261,9 @@ class Agent:
         except Exception:  # a plot is never worth a lost record
             log.exception("journal.plots_failed", cycle=record.cycle)
         commit = self.logbook.commit_cycle(record)
-        self.state.finish_cycle(record.cycle, record.finished_at, record.outcome, record.summary)
-        self.state.set_journal_commit(record.cycle, commit)
+        self.state.finish_cycle(
+            record.cycle, record.finished_at, record.outcome, record.summary, commit
+        )
         return record
 
 
@@ -350,7 +351,8 @@ def recover_unfinished(agent: Agent) -> list[int]:
             if agent.state.run_count(row.id) == 0:
                 agent.state.add_runs(row.id, _all_runs(committed))
             agent.state.finish_cycle(
-                row.id, committed.finished_at, committed.outcome, committed.summary
+                row.id, committed.finished_at, committed.outcome, committed.summary,
+                agent.logbook.commit_of_cycle(row.id),
             )
             log.info("cycle.state_synced", cycle=row.id, outcome=committed.outcome.value)
             continue
@@ -365,8 +367,9 @@ def recover_unfinished(agent: Agent) -> list[int]:
             error="found unfinished at the next start",
         )
         commit = agent.logbook.commit_cycle(record)
-        agent.state.finish_cycle(row.id, record.finished_at, Outcome.ABORTED, record.summary)
-        agent.state.set_journal_commit(row.id, commit)
+        agent.state.finish_cycle(
+            row.id, record.finished_at, Outcome.ABORTED, record.summary, commit
+        )
         log.warning("cycle.aborted_recorded", cycle=row.id, commit=commit[:12])
         recovered.append(row.id)
     return recovered

@@ -155,11 +155,20 @@ class StateStore:
                 ids.append(int(cursor.lastrowid or 0))
         return ids
 
-    def finish_cycle(self, cycle_id: int, finished_at: str, outcome: Outcome, summary: str) -> None:
+    def finish_cycle(
+        self,
+        cycle_id: int,
+        finished_at: str,
+        outcome: Outcome,
+        summary: str,
+        journal_commit: str | None = None,
+    ) -> None:
+        """Mark a cycle finished, with its journal commit, in one transaction."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE cycles SET finished_at = ?, outcome = ?, summary = ? WHERE id = ?",
-                (finished_at, outcome.value, summary, cycle_id),
+                """UPDATE cycles SET finished_at = ?, outcome = ?, summary = ?,
+                journal_commit = coalesce(?, journal_commit) WHERE id = ?""",
+                (finished_at, outcome.value, summary, journal_commit, cycle_id),
             )
 
     def add_scores(self, cycle_id: int, scores: Sequence[Score]) -> None:

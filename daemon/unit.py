@@ -35,7 +35,8 @@ MemoryMax={memory_max}
 NoNewPrivileges=true
 PrivateTmp=true
 ProtectSystem=strict
-ReadWritePaths={home} {cache}
+# The home and the model cache must exist before the first start (install creates them).
+ReadWritePaths=-{home} -{cache}
 ProtectKernelTunables=true
 ProtectKernelModules=true
 ProtectControlGroups=true
@@ -68,8 +69,14 @@ def render_unit(config: Config, user: bool, executable: Path | None = None) -> s
 
 def install_unit(config: Config, user: bool, output: Path | None = None) -> Path:
     """Write the unit; without `output`, also reload systemd and enable the service."""
+    from daemon.home import prepare_home
+
     user = user or os.geteuid() != 0
     text = render_unit(config, user)
+    prepare_home(config.home)
+    (Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "a3x").mkdir(
+        parents=True, exist_ok=True
+    )
     if output is not None:
         output.write_text(text)
         return output

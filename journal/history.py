@@ -69,6 +69,9 @@ def _failed_domains(record: dict) -> set[str]:
 
 
 def _reason(subject: str, record: dict) -> str:
+    """The record's error, or the commit subject without its "cycle N: outcome, " prefix."""
     if record.get("error"):
         return f"{record.get('summary', '')}: {record['error']}"[:200]
-    return subject.split(": ", 1)[-1]
+    rest = subject.split(": ", 1)[-1]
+    outcome = record.get("outcome")
+    return rest.removeprefix(f"{outcome}, ") if outcome else rest

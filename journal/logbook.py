@@ -108,6 +108,11 @@ class Logbook:
             return None
         return cycle_from_json(json.loads(blob.data_stream.read().decode("utf-8")))
 
+    def commit_of_cycle(self, cycle: int) -> str | None:
+        """Return the sha of the last commit that wrote the cycle's record, if any."""
+        sha = self.repo.git.log("-1", "--format=%H", "--", f"cycles/{cycle:06d}.json")
+        return sha.strip() or None
+
     def commit_cycle(self, record: CycleRecord) -> str:
         """Write the cycle's record and page, update the index, commit; return the sha."""
         name = f"cycles/{record.cycle:06d}"

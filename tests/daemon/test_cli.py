@@ -215,3 +215,34 @@ def test_scores_series_printed(env):
     coherence = next(item for item in data if item["score"] == "coherence.coherence")
     assert [point["cycle"] for point in coherence["values"]] == [1, 2]
     assert coherence["domain"] == "geography"
+
+
+def test_show_prints_page_and_record(env):
+    a3x(env, "cycle")
+    assert a3x(env, "failures").stdout.strip() == "no failures recorded"
+    page = a3x(env, "show", "1")
+    assert page.returncode == 0
+    assert page.stdout.startswith("# Cycle 1: ok")
+    record = json.loads(a3x(env, "show", "1", "--json").stdout)
+    assert record["cycle"] == 1
+    missing = a3x(env, "show", "9")
+    assert missing.returncode == 2
+    assert "cycle 9 is not in the journal" in missing.stderr
+
+
+def test_failures_lists_aborted_cycle(env):
+    import sqlite3
+
+    a3x(env, "cycle")
+    # What a killed process leaves behind: a cycle row still marked running.
+    db = sqlite3.connect(Path(env["A3X_HOME"]) / "state.sqlite")
+    db.execute(
+        "INSERT INTO cycles (started_at, trigger, outcome) VALUES ('2026-01-01', 'schedule', "
+        "'running')"
+    )
+    db.commit()
+    db.close()
+    a3x(env, "cycle")
+    found = json.loads(a3x(env, "failures", "--json").stdout)
+    assert [(f["cycle"], f["kind"]) for f in found] == [(2, "aborted")]
+    assert found[0]["reason"].startswith("the process stopped before the cycle finished")

@@ -219,7 +219,9 @@ def test_cycle_committed_but_state_stale_is_synced(tiny_config):
     agent = Agent(tiny_config)
     record = agent.run_cycle()
     # Simulate a kill between the journal commit and the state update.
-    agent.state.connection.execute("UPDATE cycles SET outcome = 'running' WHERE id = 1")
+    agent.state.connection.execute(
+        "UPDATE cycles SET outcome = 'running', journal_commit = NULL WHERE id = 1"
+    )
     agent.state.connection.execute("DELETE FROM runs")
     agent.close()
 
@@ -233,6 +235,10 @@ def test_cycle_committed_but_state_stale_is_synced(tiny_config):
     ) + len(record.runs)
     subjects = git.Repo(tiny_config.home / "journal").git.log("--format=%s").splitlines()
     assert not any("aborted" in subject for subject in subjects)
+    commit = db.execute("SELECT journal_commit FROM cycles WHERE id = 1").fetchone()[0]
+    assert commit == git.Repo(tiny_config.home / "journal").git.log(
+        "-1", "--format=%H", "--", "cycles/000001.json"
+    )
 
 
 def test_second_cycle_waits_for_lock(tiny_config):
