@@ -175,6 +175,7 @@ def run_soak(
         )
         monitor = psutil.Process(process.pid)
         samples: list[dict[str, float]] = []
+        descriptors: dict[str, list[str]] = {}
         started = time.monotonic()
         try:
             done = 0
@@ -191,6 +192,9 @@ def run_soak(
                         "threads": monitor.num_threads(),
                     }
                 )
+                if done >= warmup and "after_warmup" not in descriptors:
+                    descriptors["after_warmup"] = _descriptors(process.pid)
+            descriptors["end"] = _descriptors(process.pid)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=120)
@@ -209,8 +213,20 @@ def run_soak(
         "fds_end": last["fds"],
         "threads_end": last["threads"],
         "exit_code": process.returncode,
+        "new_descriptors": sorted(set(descriptors["end"]) - set(descriptors["after_warmup"])),
         "samples": samples,
     }
+
+
+def _descriptors(pid: int) -> list[str]:
+    """What each open file descriptor of a process points at."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return targets
 
 
 def _finished_cycles(home: Path) -> int:

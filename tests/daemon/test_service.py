@@ -75,3 +75,35 @@ def test_sighup_reloads_task_book(env, tmp_path):
     assert process.returncode == 0
     reloaded = [e for e in events(stdout) if e["event"] == "service.reloaded"]
     assert reloaded and reloaded[0]["tasks"] == 5
+
+
+def test_sigterm_mid_cycle_records_stop(env, tmp_path):
+    slow = tmp_path / "slow.toml"
+    slow.write_text(
+        "schema_version = 1\n[domains.geo]\n"
+        + "".join(
+            f'[[tasks]]\nid = "t{i}"\ndomain = "geo"\nprompt = "the capital is"\n'
+            "[tasks.sampling]\nmax_tokens = 400\ntemperature = 0.0\n"
+            for i in range(200)
+        )
+    )
+    home = Path(env["A3X_HOME"])
+    process = start(env, A3X_SCHEDULE__RUN_ON_START="true", A3X_TASKS__BOOKS=str(slow))
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if '"cycle.started"' in process.stdout.readline():
+                break
+        time.sleep(1.0)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stopped_at = time.monotonic()
+        process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert time.monotonic() - stopped_at < 30
+    record = json.loads((home / "journal" / "cycles" / "000001.json").read_text())
+    assert record["outcome"] == "degraded"
+    assert record["execute"]["stopped_early"] is True
+    assert 0 < len(record["execute"]["runs"]) < 200
+    page = (home / "journal" / "cycles" / "000001.md").read_text()
+    assert "Stopped early" in page
