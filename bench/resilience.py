@@ -229,6 +229,81 @@ def _descriptors(pid: int) -> list[str]:
     return targets
 
 
+def run_control_latency(requests: int = 10, workdir: Path | None = None) -> dict[str, Any]:
+    """Time from a cycle request on the control socket to the daemon's "started" reply,
+    and the wall time of the whole `a3x cycle` command against the daemon."""
+    from daemon.control import ControlClient, socket_path
+
+    with tempfile.TemporaryDirectory(prefix="a3x-control-", dir=workdir) as folder:
+        root = Path(folder)
+        model = write_tiny_gguf(root / "tiny.gguf")
+        home = root / "home"
+        environ = daemon_environment(home, model, 60.0, "execution,coherence,efficiency")
+        environ["A3X_SCHEDULE__RUN_ON_START"] = "false"
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "run"],
+            env=environ,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                if '"service.started"' in line:
+                    break
+            client = ControlClient(socket_path(home))
+            socket_times, command_times = [], []
+            for _ in range(requests):
+                started = time.perf_counter()
+                replies = client.request({"command": "cycle", "wait": True})
+                first = next(replies)
+                socket_times.append(time.perf_counter() - started)
+                assert first["state"] == "started", first
+                list(replies)  # wait for the result before the next request
+                started = time.perf_counter()
+                subprocess.run(
+                    [sys.executable, "-m", "daemon.cli", "cycle"],
+                    env=environ,
+                    capture_output=True,
+                    check=True,
+                )
+                command_times.append(time.perf_counter() - started)
+                time.sleep(1.5)  # let that cycle finish
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=120)
+    return {
+        "requests": requests,
+        "socket_median_seconds": sorted(socket_times)[len(socket_times) // 2],
+        "socket_max_seconds": max(socket_times),
+        "command_median_seconds": sorted(command_times)[len(command_times) // 2],
+        "command_max_seconds": max(command_times),
+    }
+
+
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--requests", type=int, default=10, help="cycle requests to time")
+    parser.add_argument("--json", action="store_true")
+
+
+def control_command(args: argparse.Namespace) -> int:
+    result = run_control_latency(args.requests)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"cycle requests: {result['requests']}")
+    print(
+        f"socket request to 'started' reply: median {result['socket_median_seconds']:.3f} s, "
+        f"max {result['socket_max_seconds']:.3f} s"
+    )
+    print(
+        f"whole `a3x cycle` command: median {result['command_median_seconds']:.3f} s, "
+        f"max {result['command_max_seconds']:.3f} s"
+    )
+    return 0
+
+
 def _finished_cycles(home: Path) -> int:
     state = home / "state.sqlite"
     if not state.exists():

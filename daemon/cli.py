@@ -206,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     soak = bench_commands.add_parser("soak", help="run many cycles and watch memory and files")
     resilience.add_soak_arguments(soak)
     soak.set_defaults(handler=resilience.soak_command)
+    control_latency = bench_commands.add_parser(
+        "control", help="time a cycle request to a running daemon"
+    )
+    resilience.add_control_arguments(control_latency)
+    control_latency.set_defaults(handler=resilience.control_command)
     return parser
 
 

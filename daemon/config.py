@@ -75,6 +75,11 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class ServiceConfig:
+    memory_max_mb: int = 4096  # MemoryMax of the systemd unit: the whole service's budget
+
+
+@dataclass(frozen=True)
 class KnowledgeConfig:
     model_extraction: bool = False  # also ask the model for facts (slow, low precision)
 
@@ -87,6 +92,7 @@ class Config:
     tasks: TasksConfig = field(default_factory=TasksConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     source: Path | None = None  # the file this was read from, if any
 
 
@@ -96,6 +102,7 @@ SECTIONS: dict[str, type] = {
     "tasks": TasksConfig,
     "score": ScoreConfig,
     "knowledge": KnowledgeConfig,
+    "service": ServiceConfig,
 }
 EVALUATORS = ("execution", "coherence", "diversity", "efficiency", "consistency", "perplexity")
 BACKENDS = ("llama_cpp", "transformers")
@@ -296,6 +303,7 @@ def _validate(config: Config) -> None:
         (score.consistency_samples >= 1, "[score] consistency_samples must be at least 1"),
         (score.consistency_tasks >= 0, "[score] consistency_tasks must be 0 (off) or more"),
         (score.perplexity_tokens >= 16, "[score] perplexity_tokens must be at least 16"),
+        (config.service.memory_max_mb >= 256, "[service] memory_max_mb must be at least 256"),
         (score.perplexity_domains >= 0, "[score] perplexity_domains must be 0 (all) or more"),
     ]
     for ok, message in checks:

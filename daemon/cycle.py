@@ -351,7 +351,10 @@ def recover_unfinished(agent: Agent) -> list[int]:
             if agent.state.run_count(row.id) == 0:
                 agent.state.add_runs(row.id, _all_runs(committed))
             agent.state.finish_cycle(
-                row.id, committed.finished_at, committed.outcome, committed.summary,
+                row.id,
+                committed.finished_at,
+                committed.outcome,
+                committed.summary,
                 agent.logbook.commit_of_cycle(row.id),
             )
             log.info("cycle.state_synced", cycle=row.id, outcome=committed.outcome.value)

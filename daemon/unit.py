@@ -11,7 +11,6 @@ from pathlib import Path
 from daemon.config import Config
 
 UNIT_NAME = "a3x.service"
-DEFAULT_MEMORY_MAX = "4G"  # a home PC's budget for the model, embeddings and a training run
 
 UNIT_TEMPLATE = """\
 # Written by `a3x service install`; edit and run `systemctl{scope} daemon-reload` to change it.
@@ -62,7 +61,7 @@ def render_unit(config: Config, user: bool, executable: Path | None = None) -> s
         home=config.home,
         cache=cache,
         config_line=config_line,
-        memory_max=DEFAULT_MEMORY_MAX,
+        memory_max=f"{config.service.memory_max_mb}M",
         wanted_by="default.target" if user else "multi-user.target",
     )
 

@@ -6,11 +6,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display: plots are files
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 # The series worth a picture; per-task series stay in state.sqlite and `a3x scores`.
 PLOTTED = (
@@ -29,6 +24,12 @@ PLOTTED_CYCLES = 200
 
 def write_plots(state: Any, folder: Path) -> list[Path]:
     """Draw each plotted series of the last cycles as `<evaluator>-<name>.png`."""
+    # matplotlib takes about a second to import, so only cycles that draw pay for it.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: plots are files
+    import matplotlib.pyplot as plt
+
     rows = state.score_series(last_cycles=PLOTTED_CYCLES)
     series: dict[tuple[str, str], dict[str, list[tuple[int, float]]]] = defaultdict(
         lambda: defaultdict(list)
@@ -57,6 +58,8 @@ def write_plots(state: Any, folder: Path) -> list[Path]:
 
 
 def _draw(axes: Any, title: str, lines: dict[str, list[tuple[int, float]]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
     axes.clear()
     for label, points in sorted(lines.items(), key=lambda item: item[0] != "all"):
         cycles, values = zip(*points, strict=True)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import networkx as nx
+from typing import Any
 
 from knowledge.extract import FUNCTIONAL_RELATIONS, Fact
 
@@ -157,8 +156,10 @@ class KnowledgeGraph:
         return int(self.db.execute("SELECT count(*) FROM facts").fetchone()[0])
 
 
-def to_networkx(facts: Sequence[StoredFact]) -> nx.MultiDiGraph:
-    """A multigraph with an edge subject -> object per fact, keyed by fact id."""
+def to_networkx(facts: Sequence[StoredFact]) -> Any:
+    """A networkx MultiDiGraph with an edge subject -> object per fact, keyed by fact id."""
+    import networkx as nx  # deferred: about 0.25 s to import, needed only when scoring
+
     graph = nx.MultiDiGraph()
     for fact in facts:
         graph.add_edge(
@@ -173,8 +174,10 @@ def to_networkx(facts: Sequence[StoredFact]) -> nx.MultiDiGraph:
     return graph
 
 
-def relation_view(graph: nx.MultiDiGraph, relation: str, negated: bool = False) -> nx.DiGraph:
-    """A simple directed graph of one relation's edges, for cycle and path analyses."""
+def relation_view(graph: Any, relation: str, negated: bool = False) -> Any:
+    """A simple directed networkx graph of one relation's edges, for cycle analyses."""
+    import networkx as nx
+
     view = nx.DiGraph()
     for subject, obj, data in graph.edges(data=True):
         if data["relation"] == relation and data["negated"] == negated:

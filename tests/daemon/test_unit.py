@@ -14,7 +14,7 @@ def test_unit_has_hardening(tmp_path: Path):
         "Type=notify",
         "WatchdogSec=120",
         "Restart=on-failure",
-        "MemoryMax=4G",
+        "MemoryMax=4096M",
         "NoNewPrivileges=true",
         "ProtectSystem=strict",
         "PrivateTmp=true",
