@@ -6,7 +6,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-
 # The series worth a picture; per-task series stay in state.sqlite and `a3x scores`.
 PLOTTED = (
     ("execution", "tokens_per_second"),
