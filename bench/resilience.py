@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,9 @@ def run_soak(
         "fds_end": last["fds"],
         "threads_end": last["threads"],
         "exit_code": process.returncode,
-        "new_descriptors": sorted(set(descriptors["end"]) - set(descriptors["after_warmup"])),
+        "new_descriptors": sorted(
+            (Counter(descriptors["end"]) - Counter(descriptors["after_warmup"])).elements()
+        ),
         "samples": samples,
     }
 
@@ -366,4 +369,9 @@ def soak_command(args: argparse.Namespace) -> int:
         f"open file descriptors: {result['fds_after_warmup']} after warm-up, "
         f"{result['fds_end']} at the end; threads at the end: {result['threads_end']}"
     )
+    if result["new_descriptors"]:
+        print(f"descriptors opened after warm-up: {', '.join(result['new_descriptors'])}")
+    every = max(1, len(result["samples"]) // 12)
+    trace = ", ".join(f"{s['cycle']}: {s['rss_mib']:.0f}" for s in result["samples"][::every])
+    print(f"RSS MiB by cycle: {trace}")
     return 0

@@ -244,8 +244,6 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_cycle(args: argparse.Namespace) -> int:
-    from daemon.cycle import Agent, CycleRequest
-
     if args.domain is not None and not args.domain.strip():
         raise KeyError("--domain is empty; give a domain name, see `a3x tasks list`")
     if args.domain and args.task:
@@ -256,6 +254,10 @@ def command_cycle(args: argparse.Namespace) -> int:
         return cycle_through_daemon(client, args, Home(config.home))
     if args.wait:
         print("no daemon runs for this home; running the cycle here", file=sys.stderr)
+    # Imported only here: the evaluators pull in scipy and faiss (about 0.6 s), which a
+    # request to a running daemon does not need.
+    from daemon.cycle import Agent, CycleRequest
+
     agent = Agent(config)
     try:
         request = CycleRequest(trigger="manual", task_ids=tuple(args.task), domain=args.domain)

@@ -82,6 +82,8 @@ class ServiceConfig:
 @dataclass(frozen=True)
 class KnowledgeConfig:
     model_extraction: bool = False  # also ask the model for facts (slow, low precision)
+    # Answers kept in the FAISS memory, newest first: 1.5 KiB of RAM each (384 floats).
+    memory_max_answers: int = 20000
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ class Agent:
         rows = [row for row in self.state.runs_since(1) if row["text"].strip()]
         if rows:
             vectors = self.embedder().encode([row["text"] for row in rows])
-            self._memory.add([row["id"] for row in rows], vectors)
+            self._memory.add([row["id"] for row in rows], vectors,
+                             self.config.knowledge.memory_max_answers)
         self._memory.save()
         self._memory_notes.append(f"memory rebuilt from {len(rows)} stored answers")
         log.warning("memory.rebuilt", answers=len(rows))
@@ -210,7 +211,8 @@ class Agent:
                 memory, embedder = self.memory(), self.embedder()
                 notes, self._memory_notes = self._memory_notes, []
                 ingest = ingest_phase(
-                    execute, cycle_id, self.graph, self.extractors(), memory, embedder, notes
+                    execute, cycle_id, self.graph, self.extractors(), memory, embedder, notes,
+                    self.config.knowledge.memory_max_answers,
                 )
             record = replace(record, ingest=ingest)
 

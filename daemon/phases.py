@@ -225,6 +225,7 @@ def ingest_phase(
     memory: Any,
     embedder: Any,
     notes: Sequence[str] = (),
+    memory_max_answers: int = 0,
 ) -> IngestRecord:
     """Extract facts from the cycle's answers into the graph and embed them into memory."""
     started = time.perf_counter()
@@ -241,7 +242,7 @@ def ingest_phase(
     if memory is not None and embedder is not None:
         ids = [run.run_id for run in answered if run.run_id is not None]
         texts = [run.text for run in answered if run.run_id is not None]
-        memory.add(ids, embedder.encode(texts))
+        memory.add(ids, embedder.encode(texts), memory_max_answers)
         memory.save()
         embedded = len(ids)
     names = [e.name for e in extractors] + (["faiss"] if embedded else [])

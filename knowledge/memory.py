@@ -61,12 +61,18 @@ class AnswerMemory:
     def __len__(self) -> int:
         return int(self.index.ntotal)
 
-    def add(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+    def add(self, ids: Sequence[int], vectors: np.ndarray, max_vectors: int = 0) -> None:
+        """Add vectors under their run ids; beyond `max_vectors` (0: no limit), drop the
+        vectors of the oldest runs, since run ids only grow."""
         if len(ids) == 0:
             return
         identifiers = np.asarray(ids, dtype=np.int64)
         self.index.remove_ids(identifiers)  # type: ignore[arg-type]  # replaces re-added runs
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), identifiers)
+        if max_vectors and len(self) > max_vectors:
+            stored = faiss.vector_to_array(self.index.id_map)
+            cutoff = int(np.sort(stored)[len(self) - max_vectors])
+            self.index.remove_ids(faiss.IDSelectorRange(0, cutoff))
 
     def vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
         """Return the stored vector of each id that is present."""

@@ -63,3 +63,11 @@ def test_corrupt_file_quarantined(tmp_path: Path):
     moved = list(tmp_path.glob("memory.faiss.corrupt-*"))
     assert len(moved) == 1
     assert moved[0].read_bytes() == b"\x00" * 100
+
+
+def test_memory_keeps_newest_answers(tmp_path: Path):
+    memory = AnswerMemory(tmp_path / "memory.faiss", 8)
+    memory.add([1, 2, 3], unit_vectors(3), max_vectors=4)
+    memory.add([4, 5, 6], unit_vectors(3, seed=1), max_vectors=4)
+    assert len(memory) == 4
+    assert set(memory.vectors([1, 2, 3, 4, 5, 6])) == {3, 4, 5, 6}
