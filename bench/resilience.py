@@ -222,7 +222,7 @@ def run_soak(
 
 
 def _descriptors(pid: int) -> list[str]:
-    """What each open file descriptor of a process points at."""
+    """Return the target of each open file descriptor of a process."""
     targets = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:

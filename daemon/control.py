@@ -187,7 +187,7 @@ def _discard_line(connection: socket.socket, buffer: bytes) -> None:
 
 
 def _answers(path: Path) -> bool:
-    """Whether a live server accepts connections at `path`."""
+    """Return whether a live server accepts connections at `path`."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     probe.settimeout(1.0)
     try:

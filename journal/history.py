@@ -59,7 +59,7 @@ def _record_at(logbook: Logbook, commit: str, cycle: int | None) -> dict:
 
 
 def _failed_domains(record: dict) -> set[str]:
-    """Domains with a failed or empty answer, or all the cycle's domains when none stands out."""
+    """Return the domains with a failed or empty answer, else all the cycle's domains."""
     runs = (record.get("execute") or {}).get("runs", [])
     bad = {run["domain"] for run in runs if run.get("error") or not run["text"].strip()}
     for decision in (record.get("decide") or {}).get("decisions", []):
@@ -69,7 +69,7 @@ def _failed_domains(record: dict) -> set[str]:
 
 
 def _reason(subject: str, record: dict) -> str:
-    """The record's error, or the commit subject without its "cycle N: outcome, " prefix."""
+    """Return the record's error, or the subject without its "cycle N: outcome, " prefix."""
     if record.get("error"):
         return f"{record.get('summary', '')}: {record['error']}"[:200]
     rest = subject.split(": ", 1)[-1]
