@@ -34,7 +34,7 @@ USER_ERRORS = (
     StateError,
     RecordVersionError,
 )
-EXIT_OK, EXIT_CYCLE_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_CYCLE_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(sys.stdout if args.command == "run" else sys.stderr, args.log_level)
     try:
         return int(args.handler(args))
+    except CycleBusyError as error:
+        print(f"a3x: error: {error}", file=sys.stderr)
+        return EXIT_BUSY
     except USER_ERRORS as error:
         print(f"a3x: error: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -54,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader of stdout went away, as in `a3x status | head -2`
+        sys.stderr.close()
+        return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,9 +360,10 @@ def command_status(args: argparse.Namespace) -> int:
     )
     last = status["last_cycle"]
     if last:
+        summary = last["summary"] or "(in progress)"
         print(
             f"cycles:   {status['cycles']}; last: {last['id']} {last['outcome']} at "
-            f"{last['started_at']}: {last['summary']}"
+            f"{last['started_at']}: {summary}"
         )
     else:
         print("cycles:   none yet; run `a3x cycle`")
@@ -405,8 +412,9 @@ def command_scores(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     if not series:
+        _check_score_filters(home, args)
         scope = f"domain {args.domain}" if args.domain else "the whole cycle"
-        print(f"no scores for {scope} yet")
+        print(f"no scores for {scope} in the last {args.last} cycles")
         return EXIT_OK
     cycles = sorted({row["cycle_id"] for row in rows})
     width = max(len(key) for key in series)
@@ -439,7 +447,10 @@ def command_failures(args: argparse.Namespace) -> int:
         print(json.dumps([f.__dict__ for f in found], indent=2, ensure_ascii=False))
         return EXIT_OK
     for failure in found:
-        print(f"{failure.commit[:12]}  {failure.date}  {failure.kind:8} {failure.reason}")
+        cycle = f"cycle {failure.cycle}" if failure.cycle is not None else "-"
+        print(
+            f"{failure.commit[:12]}  {failure.date}  {cycle:11} {failure.kind:8} {failure.reason}"
+        )
     if not found:
         print("no failures recorded")
     return EXIT_OK
@@ -468,6 +479,23 @@ def command_service_install(args: argparse.Namespace) -> int:
     path = install_unit(config, user=args.user, output=args.output)
     print(f"unit written: {path}")
     return EXIT_OK
+
+
+def _check_score_filters(home: Home, args: argparse.Namespace) -> None:
+    """Raise a clear error when --evaluator or --domain names nothing ever scored."""
+    state = StateStore(home.state_path)
+    try:
+        known = state.connection.execute("SELECT DISTINCT evaluator, domain FROM scores").fetchall()
+    finally:
+        state.close()
+    evaluators = sorted({row[0] for row in known})
+    domains = sorted({row[1] for row in known if row[1]})
+    if args.evaluator and args.evaluator not in evaluators:
+        raise StateError(
+            f"no evaluator '{args.evaluator}' in the scores; known: {', '.join(evaluators)}"
+        )
+    if args.domain and args.domain not in domains:
+        raise StateError(f"no domain '{args.domain}' in the scores; known: {', '.join(domains)}")
 
 
 def command_tasks_validate(args: argparse.Namespace) -> int:

@@ -35,6 +35,8 @@ MAX_REQUEST_BYTES = 64 * 1024
 MAX_DISCARD_BYTES = 64 * 1024 * 1024  # an oversized line is read and dropped up to this size
 CLIENT_TIMEOUT_SECONDS = 10.0
 COMMANDS = ("cycle", "status", "pause", "resume", "reload")
+REQUEST_KEYS = {command: {"command"} for command in COMMANDS}
+REQUEST_KEYS["cycle"] = {"command", "tasks", "domain", "wait"}
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], None]
 
 
@@ -83,6 +85,12 @@ class ControlServer:
         old_umask = os.umask(0o177)  # the socket file is created 0600
         try:
             sock.bind(str(path))
+        except OSError as error:
+            sock.close()
+            raise ControlError(
+                f"cannot create the control socket {path} ({error.strerror}); make its folder "
+                "writable, or set XDG_RUNTIME_DIR to a writable folder"
+            ) from error
         finally:
             os.umask(old_umask)
         os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
@@ -126,6 +134,8 @@ class ControlServer:
         try:
             connection.settimeout(CLIENT_TIMEOUT_SECONDS)
             request, problem = _read_request(connection)
+            if request is None and problem is None:
+                return  # a connection closed without a request: `available()` probing
             if problem is not None:
                 log.warning("control.bad_request", problem=problem)
                 reply({"ok": False, "error": problem})
@@ -159,6 +169,8 @@ def _read_request(connection: socket.socket) -> tuple[dict[str, Any] | None, str
             return None, (
                 f"request longer than {MAX_REQUEST_BYTES} bytes; a request is one short JSON line"
             )
+    if not buffer:
+        return None, None
     line = buffer.split(b"\n", 1)[0]
     try:
         request = json.loads(line.decode("utf-8"))
@@ -169,6 +181,10 @@ def _read_request(connection: socket.socket) -> tuple[dict[str, Any] | None, str
     command = request.get("command")
     if command not in COMMANDS:
         return None, f"unknown command {command!r}; commands: {', '.join(COMMANDS)}"
+    unknown = set(request) - REQUEST_KEYS[command]
+    if unknown:
+        valid = ", ".join(sorted(REQUEST_KEYS[command]))
+        return None, f"unknown key(s) {', '.join(sorted(unknown))} for {command}; valid: {valid}"
     return request, None
 
 

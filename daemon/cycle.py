@@ -46,6 +46,7 @@ from runtime.loader import ModelInfo, describe_model, open_backend
 log = structlog.get_logger(__name__)
 
 MEMORY_FILE = "memory.faiss"
+PARTIAL_CYCLE = {"verdict": "not compared", "reason": "partial cycle"}
 
 
 class Agent:
@@ -118,8 +119,9 @@ class Agent:
         rows = [row for row in self.state.runs_since(1) if row["text"].strip()]
         if rows:
             vectors = self.embedder().encode([row["text"] for row in rows])
-            self._memory.add([row["id"] for row in rows], vectors,
-                             self.config.knowledge.memory_max_answers)
+            self._memory.add(
+                [row["id"] for row in rows], vectors, self.config.knowledge.memory_max_answers
+            )
         self._memory.save()
         self._memory_notes.append(f"memory rebuilt from {len(rows)} stored answers")
         log.warning("memory.rebuilt", answers=len(rows))
@@ -211,7 +213,13 @@ class Agent:
                 memory, embedder = self.memory(), self.embedder()
                 notes, self._memory_notes = self._memory_notes, []
                 ingest = ingest_phase(
-                    execute, cycle_id, self.graph, self.extractors(), memory, embedder, notes,
+                    execute,
+                    cycle_id,
+                    self.graph,
+                    self.extractors(),
+                    memory,
+                    embedder,
+                    notes,
                     self.config.knowledge.memory_max_answers,
                 )
             record = replace(record, ingest=ingest)
@@ -229,9 +237,23 @@ class Agent:
                     domains=self.book.domains,
                     samples=execute.samples,
                 )
-                history = self.state.score_series(last_cycles=score_config.window + 1)
+                # Rotating series get a value every few cycles: read far enough back.
+                history = self.state.score_series(last_cycles=score_config.window * 10)
                 score = score_phase(self.evaluators, context, history)
-                self.state.add_scores(cycle_id, score.scores)
+                partial = bool(request.task_ids or request.domain or execute.stopped_early)
+                if partial:
+                    # A cycle of some tasks is not comparable with full cycles: it gets
+                    # no verdicts and its scores stay out of the baselines.
+                    score = replace(
+                        score,
+                        scores=tuple(
+                            s if s.task_id else replace(s, baseline=PARTIAL_CYCLE)
+                            for s in score.scores
+                        ),
+                    )
+                self.state.add_scores(
+                    cycle_id, [s for s in score.scores if s.task_id or not partial]
+                )
 
             with timer("decide"):
                 decide = decide_phase(plan, score)

@@ -95,6 +95,9 @@ class Score:
     domain: str | None = None
     evidence: dict[str, Any] = field(default_factory=dict)
     higher_is_better: bool | None = None  # None: a measurement with no good direction
+    # False for scores whose successive values measure different things (a rotating
+    # sample of tasks, a trend that carries its own significance test).
+    compare: bool = True
     baseline: dict[str, Any] | None = None  # filled by the score phase, see evaluators.baseline
 
 

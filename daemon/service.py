@@ -145,9 +145,11 @@ class Service:
             if config.model != self.agent.config.model:
                 log.warning("service.reload_model_ignored", reason="model changes need a restart")
                 config = replace(config, model=self.agent.config.model)
+            interval_changed = config.schedule != self.agent.config.schedule
             self.agent.config = config
             self.agent.reload_book()
-            self._schedule()
+            if interval_changed:
+                self._schedule()  # replacing the job restarts its interval from now
             log.info("service.reloaded", tasks=len(self.agent.book.tasks))
         except Exception:
             log.exception("service.reload_failed")

@@ -25,7 +25,7 @@ ExecStart={exec_start} run
 ExecReload=/bin/kill -HUP $MAINPID
 Environment=A3X_HOME={home}
 Environment=PYTHONUNBUFFERED=1
-{config_line}Restart=on-failure
+{config_line}{private_users}Restart=on-failure
 RestartSec=30
 # The main loop pings the watchdog at half this timeout.
 WatchdogSec=120
@@ -35,7 +35,7 @@ NoNewPrivileges=true
 PrivateTmp=true
 ProtectSystem=strict
 # The home and the model cache must exist before the first start (install creates them).
-ReadWritePaths=-{home} -{cache}
+ReadWritePaths=-{home} -{cache}{runtime}
 ProtectKernelTunables=true
 ProtectKernelModules=true
 ProtectControlGroups=true
@@ -62,6 +62,10 @@ def render_unit(config: Config, user: bool, executable: Path | None = None) -> s
         cache=cache,
         config_line=config_line,
         memory_max=f"{config.service.memory_max_mb}M",
+        # A user service puts its control socket in the runtime folder (%t), and user
+        # managers apply the namespacing options above only with PrivateUsers.
+        runtime=" %t" if user else "",
+        private_users="PrivateUsers=true\n" if user else "",
         wanted_by="default.target" if user else "multi-user.target",
     )
 
@@ -72,13 +76,13 @@ def install_unit(config: Config, user: bool, output: Path | None = None) -> Path
 
     user = user or os.geteuid() != 0
     text = render_unit(config, user)
+    if output is not None:
+        output.write_text(text)
+        return output
     prepare_home(config.home)
     (Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "a3x").mkdir(
         parents=True, exist_ok=True
     )
-    if output is not None:
-        output.write_text(text)
-        return output
     folder = Path("~/.config/systemd/user").expanduser() if user else Path("/etc/systemd/system")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / UNIT_NAME

@@ -1,7 +1,7 @@
 """Noise-aware baselines: each score against its own recent history.
 
 The baseline of a score series is the mean and standard deviation of its
-values in the last `window` cycles before this one. A change counts only
+last `window` values before this cycle. A change counts only
 when it exceeds `spread_k` times the spread, where the spread is at least
 `min_relative_spread` of the mean (a series that never moved would
 otherwise flag any change). Fewer than 3 past values give no verdict.
@@ -29,12 +29,17 @@ def series_key(score: Score) -> SeriesKey:
 def history_by_series(
     rows: Iterable[Any], before_cycle: int, window: int
 ) -> dict[SeriesKey, list[float]]:
-    """Group stored score rows of the `window` cycles before `before_cycle` by series."""
-    history: dict[SeriesKey, list[float]] = defaultdict(list)
+    """Return the last `window` values of each series before `before_cycle`, oldest first.
+
+    A series that is not scored every cycle (perplexity rotates over domains)
+    reaches back as many cycles as it needs to have `window` values.
+    """
+    history: dict[SeriesKey, list[tuple[int, float]]] = defaultdict(list)
     for row in rows:
-        if before_cycle - window <= row["cycle_id"] < before_cycle:
-            history[(row["evaluator"], row["name"], row["domain"])].append(float(row["value"]))
-    return history
+        if row["cycle_id"] < before_cycle:
+            key = (row["evaluator"], row["name"], row["domain"])
+            history[key].append((row["cycle_id"], float(row["value"])))
+    return {key: [v for _, v in sorted(points)[-window:]] for key, points in history.items()}
 
 
 def baseline(
@@ -68,6 +73,9 @@ def baseline(
     }
 
 
+NOT_COMPARED = {"verdict": "not compared"}
+
+
 def with_baselines(
     scores: Sequence[Score],
     history: dict[SeriesKey, list[float]],
@@ -79,6 +87,9 @@ def with_baselines(
     for score in scores:
         if score.task_id is not None:
             result.append(score)
+            continue
+        if not score.compare:
+            result.append(replace(score, baseline=NOT_COMPARED))
             continue
         verdict = baseline(
             score.value,

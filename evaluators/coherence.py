@@ -114,6 +114,56 @@ def _is_a_cycles(facts: Sequence[StoredFact]) -> list[Contradiction]:
     return found
 
 
+def group_conflicts(contradictions: Sequence[Contradiction]) -> list[dict]:
+    """Merge contradictions about the same question into one conflict each.
+
+    A wrong answer repeated over ten cycles makes ten fact pairs but one
+    conflict ("capital of australia: canberra vs sydney"); each conflict
+    lists one fact per distinct claim, with every task and cycle that made it.
+    """
+    groups: dict[tuple, dict] = {}
+    for contradiction in contradictions:
+        first = contradiction.facts[0]
+        if contradiction.kind == "functional":
+            key: tuple = ("functional", first.subject, first.relation)
+        elif contradiction.kind == "negation":
+            key = ("negation", first.subject, first.relation, first.object)
+        else:
+            key = ("is_a_cycle", *sorted(f.subject for f in contradiction.facts))
+        group = groups.setdefault(key, {"kind": contradiction.kind, "claims": {}})
+        for fact in contradiction.facts:
+            claim = group["claims"].setdefault(
+                (fact.object, fact.negated),
+                {
+                    "triple": [fact.subject, fact.relation, fact.object],
+                    "negated": fact.negated,
+                    "sentence": fact.sentence,
+                    "tasks": set(),
+                    "cycles": set(),
+                    "runs": set(),
+                },
+            )
+            claim["tasks"].add(fact.task_id)
+            claim["cycles"].add(fact.cycle_id)
+            claim["runs"].add(fact.run_id)
+    conflicts = []
+    for group in groups.values():
+        facts = []
+        for claim in group["claims"].values():
+            facts.append(
+                {
+                    **claim,
+                    "tasks": sorted(claim["tasks"]),
+                    "cycles": sorted(claim["cycles"]),
+                    "runs": sorted(r for r in claim["runs"] if r is not None),
+                    "task": sorted(claim["tasks"])[0],
+                    "cycle": max(claim["cycles"]),
+                }
+            )
+        conflicts.append({"kind": group["kind"], "facts": facts})
+    return conflicts
+
+
 class CoherenceEvaluator:
     name = "coherence"
 
@@ -150,9 +200,11 @@ class CoherenceEvaluator:
         total = sum(fact.confidence for fact in facts)
         weight = sum(fact.confidence for fact in facts if fact.id in contradicted)
         coherence = 1.0 - weight / total if total else 1.0
+        conflicts = group_conflicts(involved)
         evidence = {
-            "contradictions": [c.to_evidence() for c in involved[:MAX_EVIDENCE]],
-            "contradictions_total": len(involved),
+            "contradictions": conflicts[:MAX_EVIDENCE],
+            "contradictions_total": len(conflicts),
+            "fact_pairs": len(involved),
         }
         if window_facts is not None:
             evidence["window_facts"] = window_facts
@@ -168,6 +220,6 @@ class CoherenceEvaluator:
             ),
             Score("facts", float(len(facts)), "count", **common),
             Score(
-                "contradictions", float(len(involved)), "count", higher_is_better=False, **common
+                "contradictions", float(len(conflicts)), "count", higher_is_better=False, **common
             ),
         ]

@@ -71,6 +71,7 @@ class ConsistencyEvaluator:
                     domain=domain,
                     higher_is_better=True,
                     evidence={"tasks": len(values)},
+                    compare=False,  # a different task is sampled each cycle
                 )
             )
         every = [value for values in by_domain.values() for value in values]
@@ -83,6 +84,7 @@ class ConsistencyEvaluator:
                     self.name,
                     higher_is_better=True,
                     evidence={"tasks": len(every)},
+                    compare=False,
                 )
             )
         return scores

@@ -5,8 +5,10 @@ over the last `efficiency_window` cycles gets a Theil-Sen slope (per cycle,
 robust to outliers) and a Mann-Kendall test (Kendall's tau between cycle
 number and value, with its p-value). A trend counts when p < alpha:
 `trend` is -1 (falling), 0 (none) or +1 (rising). `relative_change` is the
-slope times the span of the series, divided by the series median, so -0.2
-reads "this task now costs 20% less than at the start of the window".
+change of the fitted line from the first cycle of the window to the last,
+relative to its start, so -0.2 reads "this task now costs 20% less than at
+the start of the window". Trends carry their own test, so they are not
+compared with a baseline again.
 """
 
 from __future__ import annotations
@@ -34,13 +36,15 @@ def trend(cycles: Sequence[float], values: Sequence[float], alpha: float) -> dic
     x, y = np.asarray(cycles, dtype=float), np.asarray(values, dtype=float)
     if len(set(values)) == 1:
         return {"slope": 0.0, "p_value": 1.0, "trend": 0.0, "relative_change": 0.0}
-    slope = float(stats.theilslopes(y, x).slope)
+    fit = stats.theilslopes(y, x)
+    slope = float(fit.slope)
     tau = stats.kendalltau(x, y)
     p_value = float(tau.pvalue) if np.isfinite(tau.pvalue) else 1.0
     direction = float(np.sign(slope)) if p_value < alpha else 0.0
-    middle = median(values)
-    span = float(x.max() - x.min())
-    relative = slope * span / middle if middle else 0.0
+    # Change of the fitted line from the first to the last cycle, relative to its start.
+    start = float(fit.intercept + slope * x.min())
+    end = float(fit.intercept + slope * x.max())
+    relative = (end - start) / start if start > 0 else 0.0
     return {"slope": slope, "p_value": p_value, "trend": direction, "relative_change": relative}
 
 
@@ -85,7 +89,7 @@ class EfficiencyEvaluator:
                     Score(
                         f"{metric}_relative_change",
                         result["relative_change"],
-                        "share of median",
+                        "share of start",
                         task_id=task_id,
                         domain=domain,
                         evaluator=self.name,
@@ -111,11 +115,12 @@ class EfficiencyEvaluator:
                 Score(
                     f"{metric}_median_change",
                     median(r["relative_change"] for r in group),
-                    "share of median",
+                    "share of start",
                     self.name,
                     domain=domain,
                     evidence=evidence,
                     higher_is_better=rising_is_good,
+                    compare=False,
                 )
             )
             scores.append(
@@ -126,6 +131,7 @@ class EfficiencyEvaluator:
                     self.name,
                     domain=domain,
                     evidence=evidence,
+                    compare=False,
                 )
             )
         return scores

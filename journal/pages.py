@@ -15,7 +15,11 @@ ANSWER_PREVIEW_CHARS = 80
 
 def commit_message(record: CycleRecord) -> str:
     """Subject, body and A3X trailers for a cycle's commit."""
-    subject = f"cycle {record.cycle}: {record.outcome.value}, {record.summary}"
+    subject = f"cycle {record.cycle}: {record.outcome.value}"
+    for part in record.summary.split(", "):  # whole parts only, within 72 characters
+        if len(subject) + 2 + len(part) > 72:
+            break
+        subject += f", {part}"
     body = [f"Trigger: {record.trigger}. Model: {record.model.get('name', '?')}."]
     if record.error:
         body.append(f"Error: {record.error}")
@@ -26,7 +30,8 @@ def commit_message(record: CycleRecord) -> str:
                 trailers.append(f"A3X-Decision: {decision.domain} {decision.action}")
     adapters = sorted({name for run in record.runs for name in run.adapters})
     trailers.extend(f"A3X-Adapter: {name}" for name in adapters)
-    return f"{subject[:72]}\n\n" + "\n".join(body) + "\n\n" + "\n".join(trailers) + "\n"
+    body.insert(0, f"Summary: {record.summary}.")
+    return f"{subject}\n\n" + "\n".join(body) + "\n\n" + "\n".join(trailers) + "\n"
 
 
 def index_entry(record: CycleRecord) -> dict[str, Any]:
@@ -94,7 +99,8 @@ def _header(record: CycleRecord) -> str:
         )
     lines.append("")
     lines.append(
-        "Outcome `ok` means every task produced a non-empty answer; whether the answers "
+        "Outcomes: `ok`, every task produced a non-empty answer; `degraded`, some did not "
+        "or the cycle stopped early; `failed`, none did or a phase failed. Whether answers "
         "are right is what the scores below estimate, without labels."
     )
     if record.error:
@@ -222,16 +228,17 @@ def _evidence(evaluator: str, group: list[Score], every: tuple[Score, ...]) -> l
     lines: list[str] = []
     cycle = next((s for s in group if s.domain is None), None)
     if evaluator == "coherence" and cycle is not None:
-        for item in cycle.evidence.get("contradictions", [])[:10]:
+        for item in cycle.evidence.get("contradictions", []):
             facts = " vs ".join(
                 f"{'NOT ' if f['negated'] else ''}{' '.join(f['triple'])} "
-                f"(task {f['task']}, cycle {f['cycle']})"
+                f"(task {', '.join(f.get('tasks', [f['task']]))}; "
+                f"cycle {', '.join(map(str, f.get('cycles', [f['cycle']])))})"
                 for f in item["facts"]
             )
             lines.append(f"- {item['kind']}: {facts}")
         total = cycle.evidence.get("contradictions_total", 0)
         lines.append(
-            f"- {total} contradiction(s) involve this cycle's facts; "
+            f"- {total} conflict(s) involve this cycle's facts; "
             f"{cycle.evidence.get('window_facts', 0)} facts in the window."
         )
     elif evaluator == "efficiency":

@@ -40,8 +40,8 @@ def write_plots(state: Any, folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     # One figure, cleared between series: creating a figure per plot and
     # tight_layout cost more than the drawing itself.
-    figure, axes = plt.subplots(figsize=(6, 3), dpi=80)
-    figure.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.16)
+    figure, axes = plt.subplots(figsize=(6, 3.2), dpi=80)
+    figure.subplots_adjust(left=0.1, right=0.98, top=0.9, bottom=0.28)
     written = []
     try:
         for (evaluator, name), lines in sorted(series.items()):
@@ -69,4 +69,5 @@ def _draw(axes: Any, title: str, lines: dict[str, list[tuple[int, float]]]) -> N
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.tick_params(labelsize=7)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=6, loc="upper left", ncol=3)  # "best" searches placements: slow
+    # Below the plot, so that it never hides a line; "best" placement is also slow.
+    axes.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=7, frameon=False)

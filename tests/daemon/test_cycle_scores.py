@@ -75,10 +75,10 @@ def test_contradiction_reaches_journal(tiny_config):
     assert coherence.value < 1.0
     evidence = coherence.evidence["contradictions"][0]
     assert {f["task"] for f in evidence["facts"]} == {"geo-france", "geo-italy"}
-    assert all(f["run"] is not None for f in evidence["facts"])
+    assert all(len(f["runs"]) == 1 for f in evidence["facts"])
     page = (agent.home.journal_path / "cycles" / "000001.md").read_text()
-    assert "functional: france capital paris (task geo-france" in page
-    assert "france capital lyon (task geo-italy" in page
+    assert "functional: france capital paris (task geo-france; cycle 1)" in page
+    assert "france capital lyon (task geo-italy; cycle 1)" in page
 
 
 def test_baseline_flags_drop_after_history(tiny_config):

@@ -159,3 +159,40 @@ def test_old_contradictions_leave_window():
     )
     assert len(find_contradictions(graph.facts())) == 1
     assert find_contradictions(graph.facts(since_cycle=11)) == []
+
+
+def test_repeated_conflict_counted_once():
+    store = StateStore(Path(":memory:"))
+    graph = KnowledgeGraph(store.connection)
+    extract = PatternExtractor().extract
+    for cycle in (1, 2, 3):
+        for task, text in (
+            ("t0", "Canberra is the capital of Australia."),
+            ("t1", "The capital of Australia is Sydney."),
+        ):
+            graph.add_facts(Provenance(None, cycle, task, "geo"), extract(text, task))
+    runs = tuple(
+        Run(
+            task_id=t,
+            domain="geo",
+            language="en",
+            prompt="",
+            text="",
+            prompt_tokens=1,
+            completion_tokens=1,
+            wall_seconds=1.0,
+            tokens_per_second=1.0,
+            finish_reason="stop",
+            rss_bytes=0,
+            peak_rss_bytes=0,
+        )
+        for t in ("t0", "t1")
+    )
+    context = EvaluationContext(cycle_id=3, runs=runs, config=ScoreConfig(), graph=graph)
+    scores = {(s.name, s.domain, s.task_id): s for s in CoherenceEvaluator().score(context)}
+    cycle_score = scores[("contradictions", None, None)]
+    assert cycle_score.value == 1  # one question, however many cycles repeat it
+    evidence = scores[("coherence", None, None)].evidence
+    assert evidence["fact_pairs"] == 5  # pairs with a fact of cycle 3: 3 + 2
+    claims = evidence["contradictions"][0]["facts"]
+    assert [c["cycles"] for c in claims] == [[1, 2, 3], [1, 2, 3]]
