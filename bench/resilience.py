@@ -326,7 +326,7 @@ def add_kill_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=50, help="daemon starts to kill")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill delays")
     parser.add_argument(
-        "--max-delay", type=float, default=6.0, help="longest time in seconds before a kill"
+        "--max-delay", type=float, default=6.0, help="maximum time in seconds before a kill"
     )
     parser.add_argument("--json", action="store_true")
 

@@ -110,23 +110,7 @@ def diversity_validation(embedder: Any, answers_per_cycle: int = 46, cycles: int
     result = {}
     for name, texts in (("varied", varied), ("half collapsed", half), ("collapsed", collapsed)):
         entropy, clusters = cluster_entropy(embedder.encode(texts), 8)
-        runs = [
-            Run(
-                task_id=f"t{i}",
-                domain="d",
-                language="en",
-                prompt="",
-                text=text,
-                prompt_tokens=0,
-                completion_tokens=0,
-                wall_seconds=0.0,
-                tokens_per_second=0.0,
-                finish_reason="stop",
-                rss_bytes=0,
-                peak_rss_bytes=0,
-            )
-            for i, text in enumerate(texts[:answers_per_cycle])
-        ]
+        runs = [Run.of_text(f"t{i}", "d", text) for i, text in enumerate(texts[:answers_per_cycle])]
         result[name] = {
             "answers": len(texts),
             "entropy": entropy,

@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import validate_evaluators
 
     validation = bench_commands.add_parser(
-        "evaluators", help="validate the label-free scores on fixtures with known answers"
+        "evaluators",
+        help="validate the label-free scores on fixtures with known contradictions and trends",
     )
     validate_evaluators.add_arguments(validation)
     validation.set_defaults(handler=validate_evaluators.command)

@@ -93,7 +93,7 @@ class Agent:
         return bool(NEEDS_EMBEDDINGS & set(self.config.score.enabled))
 
     def embedder(self) -> Any:
-        """The MiniLM embedder, loaded on first use; None when no evaluator needs it."""
+        """Return the MiniLM embedder, loaded on first use, or None when no evaluator needs it."""
         if self._embedder is None and self.uses_embeddings:
             from knowledge.embed import shared_embedder
 
@@ -103,7 +103,7 @@ class Agent:
         return self._embedder
 
     def memory(self) -> Any:
-        """The FAISS answer memory; a corrupt file is moved aside and rebuilt from state."""
+        """Return the FAISS answer memory. A corrupt file is moved aside and rebuilt from state."""
         if self._memory is None and self.uses_embeddings:
             from knowledge.memory import AnswerMemory
 

@@ -65,6 +65,23 @@ class Run:
     def ok(self) -> bool:
         return self.error is None and bool(self.text.strip())
 
+    @classmethod
+    def of_text(cls, task_id: str, domain: str, text: str, **fields: Any) -> Run:
+        """Build a run for text that no model produced (fixtures, validation sets);
+        the cost fields are zero unless given."""
+        defaults: dict[str, Any] = dict(
+            language="en",
+            prompt="",
+            prompt_tokens=0,
+            completion_tokens=0,
+            wall_seconds=0.0,
+            tokens_per_second=0.0,
+            finish_reason="stop",
+            rss_bytes=0,
+            peak_rss_bytes=0,
+        )
+        return cls(task_id=task_id, domain=domain, text=text, **{**defaults, **fields})
+
 
 @dataclass(frozen=True)
 class ExecuteRecord:

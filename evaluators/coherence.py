@@ -108,7 +108,7 @@ def _is_a_cycles(facts: Sequence[StoredFact]) -> list[Contradiction]:
     found = []
     for cycle in nx.simple_cycles(view):
         if len(cycle) < 2:
-            continue  # "x is a x" says nothing
+            continue  # "x is a x" states nothing
         edges = zip(cycle, cycle[1:] + cycle[:1], strict=True)
         found.append(Contradiction("is_a_cycle", tuple(by_edge[edge] for edge in edges)))
     return found

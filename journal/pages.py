@@ -224,7 +224,7 @@ def _number(value: float | None) -> str:
 
 
 def _evidence(evaluator: str, group: list[Score], every: tuple[Score, ...]) -> list[str]:
-    """The facts behind an evaluator's scores, as a short list."""
+    """List the facts behind an evaluator's scores."""
     lines: list[str] = []
     cycle = next((s for s in group if s.domain is None), None)
     if evaluator == "coherence" and cycle is not None:

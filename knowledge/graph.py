@@ -157,7 +157,7 @@ class KnowledgeGraph:
 
 
 def to_networkx(facts: Sequence[StoredFact]) -> Any:
-    """A networkx MultiDiGraph with an edge subject -> object per fact, keyed by fact id."""
+    """Build a networkx MultiDiGraph with an edge subject -> object per fact, keyed by fact id."""
     import networkx as nx  # deferred: about 0.25 s to import, needed only when scoring
 
     graph = nx.MultiDiGraph()
@@ -175,7 +175,7 @@ def to_networkx(facts: Sequence[StoredFact]) -> Any:
 
 
 def relation_view(graph: Any, relation: str, negated: bool = False) -> Any:
-    """A simple directed networkx graph of one relation's edges, for cycle analyses."""
+    """Build a directed networkx graph of one relation's edges, for cycle analyses."""
     import networkx as nx
 
     view = nx.DiGraph()

@@ -41,7 +41,7 @@ class AnswerMemory:
             ) from error
         if index.d != self.dimension or not isinstance(index, faiss.IndexIDMap2):
             raise MemoryFileError(
-                f"{self.path} holds a {type(index).__name__} of dimension {index.d}; "
+                f"{self.path} contains a {type(index).__name__} of dimension {index.d}; "
                 f"A3X expects an IndexIDMap2 of dimension {self.dimension}"
             )
         return index

@@ -12,6 +12,7 @@ GGUFReader builds numpy views of every metadata array, which takes about
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -268,9 +269,19 @@ def check_model_file(path: Path | str) -> GGUFInfo:
 
 
 def sha256_of_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file's content, read in 1 MiB chunks."""
+    """Return the hex sha256 of a file's content, read in 1 MiB chunks.
+
+    Results are remembered per path, size and modification time, because a
+    start describes the model twice (the agent, then the backend loader).
+    """
+    stat = path.stat()
+    return _sha256_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns, chunk_bytes)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_cached(path: str, size: int, mtime_ns: int, chunk_bytes: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()

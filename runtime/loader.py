@@ -107,7 +107,7 @@ BACKENDS: dict[str, Callable[[ModelInfo, Config, Home], Backend]] = {
 
 
 def probe_once(model: ModelInfo, cache_dir: Path) -> None:
-    """Load a GGUF file in a child process the first time this home sees it.
+    """Load a GGUF file in a child process the first time this home opens it.
 
     llama.cpp aborts the process on some malformed files; the child takes that
     abort, and the parent turns it into a ModelFileError. A file that loaded

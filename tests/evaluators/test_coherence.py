@@ -100,19 +100,14 @@ def scored(texts: list[str], cycle: int = 1, window: int = 10):
             Provenance(None, cycle, task, "geo"), PatternExtractor().extract(text, task)
         )
         runs.append(
-            Run(
-                task_id=task,
-                domain="geo",
-                language="en",
-                prompt="",
-                text=text,
+            Run.of_text(
+                task,
+                "geo",
+                text,
                 prompt_tokens=1,
                 completion_tokens=1,
                 wall_seconds=1.0,
                 tokens_per_second=1.0,
-                finish_reason="stop",
-                rss_bytes=0,
-                peak_rss_bytes=0,
             )
         )
     context = EvaluationContext(
@@ -172,19 +167,14 @@ def test_repeated_conflict_counted_once():
         ):
             graph.add_facts(Provenance(None, cycle, task, "geo"), extract(text, task))
     runs = tuple(
-        Run(
-            task_id=t,
-            domain="geo",
-            language="en",
-            prompt="",
-            text="",
+        Run.of_text(
+            t,
+            "geo",
+            "",
             prompt_tokens=1,
             completion_tokens=1,
             wall_seconds=1.0,
             tokens_per_second=1.0,
-            finish_reason="stop",
-            rss_bytes=0,
-            peak_rss_bytes=0,
         )
         for t in ("t0", "t1")
     )

@@ -14,20 +14,7 @@ from evaluators.diversity import (
 
 
 def run(text: str, task: str = "t") -> Run:
-    return Run(
-        task_id=task,
-        domain="d",
-        language="en",
-        prompt="",
-        text=text,
-        prompt_tokens=0,
-        completion_tokens=0,
-        wall_seconds=0.0,
-        tokens_per_second=0.0,
-        finish_reason="stop",
-        rss_bytes=0,
-        peak_rss_bytes=0,
-    )
+    return Run.of_text(task, "d", text)
 
 
 def test_entropy_of_even_and_single_clusters():
