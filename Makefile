@@ -32,8 +32,8 @@ test-fast: setup
 	$(BIN)/pytest -m 'not slow' $(PYTEST_ARGS)
 
 lint: setup
-	$(BIN)/ruff check daemon runtime journal evaluators bench tests
-	$(BIN)/mypy daemon runtime journal evaluators bench
+	$(BIN)/ruff check daemon runtime journal evaluators knowledge lora bench tests
+	$(BIN)/mypy daemon runtime journal evaluators knowledge lora bench
 
 clean-demo:
 	rm -rf $(DEMO_HOME)

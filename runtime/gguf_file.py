@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
@@ -42,6 +44,9 @@ SCALAR_TYPES: dict[int, tuple[str, int]] = {
 TYPE_STRING, TYPE_ARRAY = 8, 9
 MAX_KEY_BYTES = 1 << 16
 MAX_DIMS = 8
+# Arrays up to this length are read into lists (adapter metadata, rope tables);
+# longer ones, such as a vocabulary, are summarized as {"array_of", "length"}.
+MAX_LISTED_ARRAY = 4096
 
 
 class ModelFileError(Exception):
@@ -70,7 +75,9 @@ class GGUFInfo:
     name: str
     context_length: int | None
     block_count: int | None
-    metadata: dict[str, Any]  # arrays are summarized as {"array_of": type, "length": n}
+    # Arrays of up to MAX_LISTED_ARRAY items are lists; longer ones are summarized
+    # as {"array_of": type, "length": n}.
+    metadata: dict[str, Any]
     tensors: tuple[TensorInfo, ...] = field(default=())
 
     @property
@@ -176,8 +183,12 @@ def _read_value(cursor: _Cursor, value_type: int, key: str) -> Any:
     if value_type == TYPE_ARRAY:
         item_type = cursor.scalar("<I", 4, f"item type of '{key}'")
         length = cursor.scalar("<Q", 8, f"length of '{key}'")
+        listed = length <= MAX_LISTED_ARRAY
         if item_type in SCALAR_TYPES:
-            cursor.skip(length * SCALAR_TYPES[item_type][1], f"items of '{key}'")
+            fmt, width = SCALAR_TYPES[item_type]
+            if listed:
+                return [cursor.scalar(fmt, width, f"item of '{key}'") for _ in range(length)]
+            cursor.skip(length * width, f"items of '{key}'")
         elif item_type == TYPE_STRING:
             items = [cursor.string(f"item of '{key}'") for _ in range(length)]
             if key == "tokenizer.ggml.tokens" and len(set(items)) != len(items):
@@ -186,6 +197,8 @@ def _read_value(cursor: _Cursor, value_type: int, key: str) -> Any:
                     f"{cursor.path} is malformed: 'tokenizer.ggml.tokens' lists "
                     f"{len(items) - len(set(items))} duplicate token(s)"
                 )
+            if listed:
+                return [_decode(item, cursor.path, f"item of '{key}'") for item in items]
         else:
             raise ModelFileError(
                 f"{cursor.path} is malformed: array '{key}' has item type {item_type}"
@@ -253,6 +266,37 @@ def _info(
         metadata=metadata,
         tensors=tensors,
     )
+
+
+def read_tensor(info: GGUFInfo, tensor: TensorInfo) -> np.ndarray:
+    """Read one tensor as float32 in numpy order (the reverse of the GGUF shape).
+
+    Quantized types are dequantized with `gguf.quants.dequantize`.
+    """
+    import gguf
+
+    raw = read_tensor_bytes(info, tensor)
+    kind = gguf.GGMLQuantizationType(tensor.type_id)
+    shape = tuple(reversed(tensor.shape))
+    if kind == gguf.GGMLQuantizationType.F32:
+        return raw.view(np.float32).reshape(shape).copy()
+    if kind == gguf.GGMLQuantizationType.F16:
+        return raw.view(np.float16).astype(np.float32).reshape(shape)
+    rows = raw.reshape(-1, raw.size // max(1, int(np.prod(shape[:-1]))))
+    return np.asarray(gguf.quants.dequantize(rows, kind), dtype=np.float32).reshape(shape)
+
+
+def read_tensor_bytes(info: GGUFInfo, tensor: TensorInfo) -> np.ndarray:
+    """Read one tensor's stored bytes (a uint8 copy, not a view of the file)."""
+    with info.path.open("rb") as handle:
+        handle.seek(tensor.offset)
+        data = handle.read(tensor.n_bytes)
+    if len(data) != tensor.n_bytes:
+        raise ModelFileError(
+            f"{info.path} is truncated: tensor '{tensor.name}' has {len(data)} of its "
+            f"{tensor.n_bytes} bytes; the file is damaged, copy or write it again"
+        )
+    return np.frombuffer(data, dtype=np.uint8).copy()
 
 
 def check_model_file(path: Path | str) -> GGUFInfo:
