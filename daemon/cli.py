@@ -18,6 +18,7 @@ from daemon.records import CycleRecord, Outcome, RecordVersionError
 from daemon.state import StateError, StateStore
 from daemon.taskbook import TaskBookError, load_book, load_books
 from journal.logbook import JournalError, Logbook
+from lora import LoraError
 from runtime.default_model import default_model_path
 from runtime.gguf_file import ModelFileError
 
@@ -33,6 +34,7 @@ USER_ERRORS = (
     JournalError,
     StateError,
     RecordVersionError,
+    LoraError,
 )
 EXIT_OK, EXIT_CYCLE_FAILED, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 
@@ -175,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing = task_commands.add_parser("list", help="list the configured tasks")
     listing.add_argument("--json", action="store_true")
     listing.set_defaults(handler=command_tasks_list)
+
+    from lora import cli as lora_cli
+
+    lora = commands.add_parser("lora", help="GGUF+LoRA toolkit: export, import, merge, check")
+    lora_cli.add_commands(lora)
 
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)

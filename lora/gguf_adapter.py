@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from lora import LoraError
 from runtime.gguf_file import GGUFInfo, ModelFileError, TensorInfo, inspect_gguf, read_tensor
 
 LORA_A, LORA_B = ".lora_a", ".lora_b"
 
 
-class AdapterFormatError(ModelFileError):
+class AdapterFormatError(ModelFileError, LoraError):
     """A file is not a well-formed GGUF LoRA adapter, or does not fit its base."""
 
 

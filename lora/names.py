@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 
+from lora import LoraError
+
 # Transformers module paths that A3X writes when importing an adapter. Llama,
 # Gemma, Qwen and Mistral causal LMs in transformers all use this prefix.
 HF_BLOCK_PREFIX = "model.layers."
@@ -24,7 +26,7 @@ HF_BLOCK_PREFIX = "model.layers."
 PERMUTED_ARCHITECTURES = frozenset({"llama"})
 
 
-class NameMapError(Exception):
+class NameMapError(LoraError):
     """A module or tensor name has no counterpart in the other format."""
 
 
