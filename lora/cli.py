@@ -12,6 +12,9 @@ import importlib
 
 # (command, module, help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("export", "lora.export", "convert a PEFT LoRA folder to a GGUF adapter for llama.cpp"),
+    ("import", "lora.importer", "convert a GGUF LoRA adapter to a PEFT folder"),
+    ("info", "lora.info", "show and validate an adapter's A3X metadata"),
 )
 
 
