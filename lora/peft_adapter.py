@@ -147,8 +147,9 @@ def _read_weights(folder: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 def _collect_factors(
     folder: Path, tensors: dict[str, np.ndarray]
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    found: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
+    # Special tensors first: with an embedding target PEFT also saves the full
+    # embedding weights, and the embedding is the reason to name.
+    for key in tensors:
         if "lora_magnitude_vector" in key:
             raise PeftAdapterError(
                 f"{folder} holds DoRA magnitude vectors ('{key}'); llama.cpp's LoRA format "
@@ -159,6 +160,8 @@ def _collect_factors(
                 f"{folder} has a LoRA on an embedding ('{key}'); A3X exports LoRA on linear "
                 "layers only, so retrain without embed_tokens in target_modules"
             )
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
         match = LORA_KEY.match(key)
         if match is None:
             raise PeftAdapterError(

@@ -20,6 +20,13 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyConfig(seed=0))
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder for dequantized models, shared by every test of a session,
+    because dequantizing the default model takes about a minute."""
+    return tmp_path_factory.mktemp("model-cache")
+
+
 @pytest.fixture
 def small_book() -> Path:
     return DATA / "small_book.toml"
