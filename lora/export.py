@@ -3,8 +3,8 @@
 Each PEFT module path is mapped to the base's GGUF tensor name with the gguf
 package's name map, checked against the base's tensor shapes, and written as
 a `lora_a`/`lora_b` pair. llama.cpp scales every pair by one global
-`alpha / rank`; where PEFT's scaling of a module differs (rsLoRA, or a module
-in `alpha_pattern`), the ratio is multiplied into that module's `lora_b` and
+`alpha / rank`. Where PEFT's scaling of a module differs (rsLoRA, or a module
+in `alpha_pattern`), the ratio is multiplied into that module's `lora_b`, and
 the metadata records `a3x.lora.scale_folded = true`.
 """
 

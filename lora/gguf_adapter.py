@@ -101,7 +101,7 @@ def read_gguf_adapter(path: Path | str, load_tensors: bool = True) -> GGUFAdapte
                 "A3X adapters hold LoRA factors only"
             )
     if not pairs:
-        raise AdapterFormatError(f"{info.path} holds no LoRA tensors")
+        raise AdapterFormatError(f"{info.path} contains no LoRA tensors")
     return GGUFAdapter(info=info, alpha=float(alpha), pairs=pairs)
 
 

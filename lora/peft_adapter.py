@@ -187,7 +187,7 @@ def _collect_factors(
             )
         factors[module] = (a, b)
     if not factors:
-        raise PeftAdapterError(f"{folder}/{WEIGHTS_FILE} holds no LoRA tensors")
+        raise PeftAdapterError(f"{folder}/{WEIGHTS_FILE} contains no LoRA tensors")
     return factors
 
 
