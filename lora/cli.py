@@ -15,6 +15,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("export", "lora.export", "convert a PEFT LoRA folder to a GGUF adapter for llama.cpp"),
     ("import", "lora.importer", "convert a GGUF LoRA adapter to a PEFT folder"),
     ("info", "lora.info", "show and validate an adapter's A3X metadata"),
+    ("profile", "lora.profile", "memory per layer: weights, LoRA tensors and activations"),
 )
 
 
