@@ -1,9 +1,9 @@
 """Perplexity of the current model on held-out text of each domain.
 
-A domain's held-out text is the start of its reference corpus: the `.txt`
-files of its folder in name order, joined and cut at about
-`perplexity_tokens` tokens (4 characters each, cut at a space). The text is
-the same every cycle, so the series compares models, not texts.
+A domain's held-out text is the start of the held-out split of its reference
+corpus (see knowledge/corpus.py), which retraining never trains on, cut at
+about `perplexity_tokens` tokens (4 characters each, cut at a space). The
+text is the same every cycle, so the series compares models, not texts.
 
 Scoring runs the output layer over the whole vocabulary for every token
 (262,144 entries for Gemma 3), the most expensive step of the score phase,
@@ -18,6 +18,7 @@ import structlog
 
 from daemon.records import Score
 from evaluators.base import EvaluationContext
+from knowledge.corpus import split_corpus
 
 log = structlog.get_logger(__name__)
 
@@ -25,11 +26,8 @@ CHARS_PER_TOKEN = 4  # rough average for English and Portuguese prose with Gemma
 
 
 def held_out_text(corpus: Path, tokens: int) -> str:
-    """Return the first ~`tokens` tokens of a corpus folder's text files, in name order."""
-    parts = []
-    for file in sorted(corpus.glob("*.txt")):
-        parts.append(file.read_text(encoding="utf-8").strip())
-    text = "\n\n".join(parts)
+    """Return the first ~`tokens` tokens of a corpus folder's held-out paragraphs."""
+    text = "\n\n".join(split_corpus(corpus).held_out)
     limit = tokens * CHARS_PER_TOKEN
     if len(text) <= limit:
         return text

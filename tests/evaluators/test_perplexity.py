@@ -4,13 +4,16 @@ from daemon.config import ScoreConfig
 from daemon.taskbook import Domain
 from evaluators.base import EvaluationContext
 from evaluators.perplexity import PerplexityEvaluator, held_out_text
+from knowledge.corpus import split_corpus
 
 
 def test_held_out_text_cut_at_space(tmp_path: Path):
-    (tmp_path / "b.txt").write_text("second file")
     (tmp_path / "a.txt").write_text("alpha beta gamma delta")
-    assert held_out_text(tmp_path, 100) == "alpha beta gamma delta\n\nsecond file"
-    assert held_out_text(tmp_path, 4) == "alpha beta"  # 16 characters, cut at a space
+    (tmp_path / "b.txt").write_text("second file")
+    held = split_corpus(tmp_path).held_out
+    assert len(held) == 1  # two paragraphs: one on each side
+    assert held_out_text(tmp_path, 100) == held[0]
+    assert held_out_text(tmp_path, 2) == held[0][: held[0].rfind(" ", 0, 8)]
 
 
 def test_perplexity_per_domain(tiny_gguf: Path, tmp_path: Path):
