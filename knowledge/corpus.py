@@ -37,11 +37,13 @@ def is_held_out(paragraph: str) -> bool:
 
 
 def split_corpus(corpus: Path) -> CorpusSplit:
-    """Split a corpus folder; a corpus of two or more paragraphs always keeps one
-    paragraph on each side."""
+    """Split a corpus folder. A corpus of two or more paragraphs always keeps one
+    paragraph on each side; a single paragraph is held out, so it still measures."""
     found = list(dict.fromkeys(paragraphs(corpus)))  # exact duplicates once
     held = [p for p in found if is_held_out(p)]
     train = [p for p in found if not is_held_out(p)]
+    if len(found) == 1:
+        return CorpusSplit((), tuple(found))
     if len(found) >= 2 and not held:
         held, train = [train[-1]], train[:-1]
     if len(found) >= 2 and not train:
