@@ -17,6 +17,11 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("info", "lora.info", "show and validate an adapter's A3X metadata"),
     ("profile", "lora.profile", "memory per layer: weights, LoRA tensors and activations"),
     ("merge", "lora.merge", "merge LoRA adapters into a GGUF base model"),
+    (
+        "quant-error",
+        "lora.quant_error",
+        "per-layer error between merged weights and their quantized form",
+    ),
 )
 
 
