@@ -87,6 +87,28 @@ class KnowledgeConfig:
 
 
 @dataclass(frozen=True)
+class RetrainConfig:
+    enabled: bool = True
+    # Retrain a domain whose scores regressed beyond noise in this many
+    # consecutive comparable cycles.
+    regressed_cycles: int = 3
+    every_cycles: int = 0  # also retrain each domain every N cycles (0: off)
+    memory_budget_mb: int = 4096  # predicted peak RSS of training may not exceed this
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    batch_size: int = 1  # at most 2
+    accumulation: int = 4  # gradient accumulation steps per optimizer step
+    max_sequence: int = 256  # tokens per training example
+    epochs: float = 2.0
+    learning_rate: float = 0.0  # 0: chosen by a short range test
+    history_cycles: int = 50  # cycles of past answers considered for self-distillation
+    min_gain: float = 0.02  # held-out perplexity must fall by this share, and beyond noise
+    noise_z: float = 2.0  # standard errors a gain must exceed
+    tolerance: float = 0.05  # held-out perplexity rise allowed on other domains
+
+
+@dataclass(frozen=True)
 class Config:
     home: Path = DEFAULT_HOME
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -95,6 +117,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
     source: Path | None = None  # the file this was read from, if any
 
 
@@ -105,6 +128,7 @@ SECTIONS: dict[str, type] = {
     "score": ScoreConfig,
     "knowledge": KnowledgeConfig,
     "service": ServiceConfig,
+    "retrain": RetrainConfig,
 }
 EVALUATORS = ("execution", "coherence", "diversity", "efficiency", "consistency", "perplexity")
 BACKENDS = ("llama_cpp", "transformers")
@@ -307,6 +331,24 @@ def _validate(config: Config) -> None:
         (score.perplexity_tokens >= 16, "[score] perplexity_tokens must be at least 16"),
         (config.service.memory_max_mb >= 256, "[service] memory_max_mb must be at least 256"),
         (score.perplexity_domains >= 0, "[score] perplexity_domains must be 0 (all) or more"),
+    ]
+    retrain = config.retrain
+    checks += [
+        (retrain.regressed_cycles >= 1, "[retrain] regressed_cycles must be at least 1"),
+        (retrain.every_cycles >= 0, "[retrain] every_cycles must be 0 (off) or more"),
+        (retrain.memory_budget_mb >= 256, "[retrain] memory_budget_mb must be at least 256"),
+        (1 <= retrain.rank <= 256, "[retrain] rank must be between 1 and 256"),
+        (retrain.alpha > 0, "[retrain] alpha must be above 0"),
+        (1 <= retrain.batch_size <= 2, "[retrain] batch_size must be 1 or 2"),
+        (retrain.accumulation >= 1, "[retrain] accumulation must be at least 1"),
+        (16 <= retrain.max_sequence <= 4096, "[retrain] max_sequence must be 16 to 4096"),
+        (retrain.epochs > 0, "[retrain] epochs must be above 0"),
+        (retrain.learning_rate >= 0, "[retrain] learning_rate must be 0 (range test) or more"),
+        (retrain.history_cycles >= 1, "[retrain] history_cycles must be at least 1"),
+        (0 <= retrain.min_gain < 1, "[retrain] min_gain must be between 0 and 1"),
+        (retrain.noise_z >= 0, "[retrain] noise_z must be 0 or more"),
+        (retrain.tolerance >= 0, "[retrain] tolerance must be 0 or more"),
+        (bool(retrain.targets), "[retrain] targets must name at least one module"),
     ]
     for ok, message in checks:
         if not ok:

@@ -32,6 +32,7 @@ from daemon.phases import (
     score_phase,
 )
 from daemon.records import CycleRecord, Outcome, Run
+from daemon.retraining import retrain_inputs, round_settings
 from daemon.state import StateStore
 from daemon.taskbook import load_books
 from evaluators.base import EvaluationContext
@@ -40,6 +41,7 @@ from journal.logbook import Logbook
 from journal.plots import write_plots
 from knowledge.extract import Extractor, ModelExtractor, PatternExtractor
 from knowledge.graph import KnowledgeGraph
+from lora.registry import Adapter, AdapterRegistry
 from runtime.backend import Backend
 from runtime.loader import ModelInfo, describe_model, open_backend
 
@@ -69,6 +71,7 @@ class Agent:
         self.logbook = Logbook(self.home.journal_path)
         self.graph = KnowledgeGraph(self.state.connection)
         self.evaluators = build_evaluators(config.score)
+        self.registry = AdapterRegistry(self.home.adapters_path)
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
         self._embedder: Any = None
@@ -141,6 +144,25 @@ class Agent:
             self._backend = None
         self.state.close()
 
+    def serving_adapters(self) -> dict[str, Adapter]:
+        """Return the accepted adapter of each domain that has one."""
+        serving = {}
+        for domain in self.book.domains:
+            adapter = self.registry.serving(domain)
+            if adapter is not None:
+                serving[domain] = adapter
+        return serving
+
+    def retrain(
+        self, domain: str, reason: str, cycle_id: int, stop: threading.Event, poison: str = ""
+    ) -> dict[str, Any]:
+        """Run one retraining round for a domain and return its result as JSON."""
+        from lora.retrain import run_round
+
+        inputs = retrain_inputs(self, domain, reason, cycle_id, poison)
+        result = run_round(inputs, round_settings(self.config), self.registry, self.backend, stop)
+        return result.to_json()
+
     def run_cycle(
         self,
         request: CycleRequest | None = None,
@@ -155,6 +177,12 @@ class Agent:
         stop = stop or threading.Event()
         if request.task_ids or request.domain:
             requested_tasks(self.book, request)  # a bad request raises before any record
+        unknown = [d for d in request.retrain if d not in self.book.domains]
+        if unknown:
+            raise KeyError(
+                f"unknown domain {', '.join(unknown)} to retrain; known: "
+                f"{', '.join(sorted(self.book.domains))}"
+            )
         with CycleLock(self.home.lock_path):
             recover_unfinished(self)
             started_at = utc_now()
@@ -185,12 +213,14 @@ class Agent:
         timer = PhaseTimer()
         try:
             with timer("plan"):
+                serving = self.serving_adapters()
                 plan = plan_phase(
                     self.book,
                     request,
                     self.state.last_run_cycles(),
                     cycle_id,
                     self.config.tasks.max_per_cycle,
+                    {domain: adapter.name for domain, adapter in serving.items()},
                 )
             record = replace(record, plan=plan)
 
@@ -203,7 +233,14 @@ class Agent:
                     score_config.consistency_temperature,
                 )
                 execute = execute_phase(
-                    self.backend, self.book, plan, cycle_id, self.config.model.seed, stop, sampling
+                    self.backend,
+                    self.book,
+                    plan,
+                    cycle_id,
+                    self.config.model.seed,
+                    stop,
+                    sampling,
+                    {adapter.name: adapter.gguf_path for adapter in serving.values()},
                 )
                 execute = self._store_runs(cycle_id, execute)
             record = replace(record, execute=execute)
@@ -256,9 +293,22 @@ class Agent:
                 )
 
             with timer("decide"):
-                decide = decide_phase(plan, score)
-                retrain = retrain_phase(decide)
-            record = replace(record, score=score, decide=decide, retrain=retrain)
+                decide, decision_rows = decide_phase(
+                    plan,
+                    score,
+                    self.config.retrain,
+                    lambda domain: self.state.decision_history(domain, cycle_id),
+                    request.retrain,
+                    comparable=not partial,
+                )
+                self.state.add_decisions(cycle_id, decision_rows)
+            record = replace(record, score=score, decide=decide)
+
+            with timer("retrain"):
+                retrain = retrain_phase(
+                    decide, lambda domain, reason: self.retrain(domain, reason, cycle_id, stop)
+                )
+            record = replace(record, retrain=retrain)
         except Exception as error:  # a failed cycle is recorded, never lost
             log.exception("cycle.phase_failed", cycle=cycle_id)
             record = replace(record, error=f"{type(error).__name__}: {error}")
@@ -285,6 +335,8 @@ class Agent:
         except Exception:  # a plot is never worth a lost record
             log.exception("journal.plots_failed", cycle=record.cycle)
         commit = self.logbook.commit_cycle(record)
+        for result in record.retrain.rounds if record.retrain else ():
+            commit = self.logbook.commit_decision(result)
         self.state.finish_cycle(
             record.cycle, record.finished_at, record.outcome, record.summary, commit
         )

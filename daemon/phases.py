@@ -6,12 +6,14 @@ import hashlib
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import structlog
 
+from daemon.config import RetrainConfig
 from daemon.records import (
     DecideRecord,
     Decision,
@@ -24,13 +26,14 @@ from daemon.records import (
     Score,
     ScoreRecord,
 )
+from daemon.state import DecisionRow
 from daemon.taskbook import Task, TaskBook
 from evaluators.base import EvaluationContext, Evaluator
 from evaluators.baseline import history_by_series, regressions, with_baselines
 from evaluators.consistency import consistency_tasks
 from knowledge.extract import Extractor, extract_all
 from knowledge.graph import KnowledgeGraph, Provenance
-from runtime.backend import Backend
+from runtime.backend import ActiveAdapter, Backend
 
 log = structlog.get_logger(__name__)
 
@@ -42,6 +45,7 @@ class CycleRequest:
     trigger: str = "manual"
     task_ids: tuple[str, ...] = ()
     domain: str | None = None
+    retrain: tuple[str, ...] = ()  # domains to retrain in this cycle, whatever the scores
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,12 @@ def plan_phase(
     last_runs: dict[str, int],
     cycle_id: int,
     max_per_cycle: int,
+    serving: dict[str, str] | None = None,
 ) -> PlanRecord:
-    """Pick the tasks to run: the requested ones, or those due, capped by weight."""
+    """Pick the tasks to run: the requested ones, or those due, capped by weight.
+
+    `serving` maps a domain to the adapter that answers its tasks (default: the base).
+    """
     if request.task_ids or request.domain:
         selected = requested_tasks(book, request)
         scope = (
@@ -80,7 +88,11 @@ def plan_phase(
     if max_per_cycle and len(selected) > max_per_cycle:
         selected = weighted_sample(selected, max_per_cycle, random.Random(cycle_id))
         reason += f", {max_per_cycle} picked by weight"
-    planned = tuple(PlannedTask(task.id, task.domain) for task in selected)
+    serving = serving or {}
+    planned = tuple(
+        PlannedTask(task.id, task.domain, (serving[task.domain],) if task.domain in serving else ())
+        for task in selected
+    )
     return PlanRecord(tasks=planned, skipped_not_due=not_due, reason=reason)
 
 
@@ -122,10 +134,14 @@ def execute_phase(
     base_seed: int,
     stop: threading.Event,
     sampling: SamplingPlan | None = None,
+    adapter_paths: dict[str, Path] | None = None,
 ) -> ExecuteRecord:
-    """Run each planned task on the model; a failing task is recorded, not raised."""
+    """Run each planned task on the model, with its planned adapters (by name, found
+    in `adapter_paths`); a failing task is recorded, not raised."""
     started = time.perf_counter()
     runs: list[Run] = []
+    paths = adapter_paths or {}
+    by_task = {planned.task_id: planned.adapters for planned in plan.tasks}
     backend.set_adapters([])
     for planned in plan.tasks:
         if stop.is_set():
@@ -133,7 +149,9 @@ def execute_phase(
             log.warning("cycle.stop_requested", cycle=cycle_id, remaining=remaining)
             return ExecuteRecord(tuple(runs), time.perf_counter() - started, stopped_early=True)
         task = book.by_id(planned.task_id)
-        runs.append(run_task(backend, task, task_seed(base_seed, cycle_id, task)))
+        backend.set_adapters([ActiveAdapter(paths[name], 1.0) for name in planned.adapters])
+        run = run_task(backend, task, task_seed(base_seed, cycle_id, task))
+        runs.append(replace(run, adapters=planned.adapters))
 
     samples = []
     sampling = sampling or SamplingPlan()
@@ -147,7 +165,11 @@ def execute_phase(
                 temperature=max(task.sampling.temperature, sampling.temperature),
                 seed=task_seed(base_seed, cycle_id, task) + index,
             )
-            samples.append(run_task(backend, replace(task, sampling=params), None, index))
+            adapters = by_task.get(task_id, ())
+            backend.set_adapters([ActiveAdapter(paths[name], 1.0) for name in adapters])
+            sample = run_task(backend, replace(task, sampling=params), None, index)
+            samples.append(replace(sample, adapters=adapters))
+    backend.set_adapters([])
     return ExecuteRecord(
         tuple(runs),
         time.perf_counter() - started,
@@ -287,25 +309,97 @@ def score_phase(
 # decide and retrain
 
 
-def decide_phase(plan: PlanRecord, score: ScoreRecord) -> DecideRecord:
-    domains = sorted({task.domain for task in plan.tasks})
-    worse = regressions(score.scores)
-    decisions = []
+def decide_phase(
+    plan: PlanRecord,
+    score: ScoreRecord,
+    policy: RetrainConfig,
+    history: Callable[[str], Sequence[DecisionRow]],
+    requested: Sequence[str] = (),
+    comparable: bool = True,
+) -> tuple[DecideRecord, list[DecisionRow]]:
+    """Decide per domain: keep, or retrain with the reason; at most one domain trains.
+
+    `history(domain)` returns the domain's earlier decisions, newest first.
+    Priority: an owner's request, then M consecutive regressed cycles, then the schedule.
+    """
+    domains = sorted({task.domain for task in plan.tasks} | set(requested))
+    worse = regressions(score.scores) if comparable else []
+    rows: list[DecisionRow] = []
+    wanted: list[tuple[int, str, str]] = []  # (priority, domain, reason)
     for domain in domains:
-        reason = "no retraining policy is configured"
         fallen = [s for s in worse if s.domain == domain]
-        if fallen:
-            listed = ", ".join(
-                f"{s.evaluator}.{s.name} {s.value:.3g} (baseline {(s.baseline or {})['mean']:.3g})"
-                for s in fallen
+        reason = _retrain_reason(domain, fallen, policy, history(domain), requested)
+        if reason is not None:
+            wanted.append((reason[0], domain, reason[1]))
+        rows.append(DecisionRow(domain, "keep", bool(fallen), comparable, _keep_reason(fallen)))
+
+    chosen = min(wanted) if wanted else None
+    decisions = []
+    for index, row in enumerate(rows):
+        if chosen is not None and row.domain == chosen[1]:
+            rows[index] = replace(row, action="retrain", reason=chosen[2])
+        elif any(row.domain == w[1] for w in wanted):
+            rows[index] = replace(
+                row, reason=f"{row.reason}; deferred: {chosen[1] if chosen else ''} trains first"
             )
-            reason += f"; regressed beyond noise: {listed}"
-        decisions.append(Decision(domain, "keep", reason))
-    return DecideRecord(decisions=tuple(decisions), policy="none")
+        decisions.append(Decision(row.domain, rows[index].action, rows[index].reason))
+    described = (
+        f"retrain after {policy.regressed_cycles} regressed cycles"
+        + (f", every {policy.every_cycles} cycles" if policy.every_cycles else "")
+        if policy.enabled
+        else "retraining disabled; only requests train"
+    )
+    return DecideRecord(decisions=tuple(decisions), policy=described), rows
 
 
-def retrain_phase(decide: DecideRecord) -> RetrainRecord:
-    wanted = [d.domain for d in decide.decisions if d.action == "retrain"]
+def _retrain_reason(
+    domain: str,
+    fallen: Sequence[Score],
+    policy: RetrainConfig,
+    history: Sequence[DecisionRow],
+    requested: Sequence[str],
+) -> tuple[int, str] | None:
+    if domain in requested:
+        return 0, "requested by the owner"
+    if not policy.enabled:
+        return None
+    if fallen:
+        streak = 1
+        for row in history:
+            if row.action == "retrain" or (row.comparable and not row.regressed):
+                break
+            streak += row.comparable
+        if streak >= policy.regressed_cycles:
+            return 1, (f"regressed beyond noise in {streak} consecutive cycles: {_listed(fallen)}")
+    if policy.every_cycles:
+        since = next((i for i, row in enumerate(history) if row.action == "retrain"), None)
+        cycles = len(history) + 1 if since is None else since + 1
+        if cycles >= policy.every_cycles:
+            return 2, f"scheduled: every {policy.every_cycles} cycles"
+    return None
+
+
+def _keep_reason(fallen: Sequence[Score]) -> str:
+    if not fallen:
+        return "no score regressed beyond noise"
+    return f"regressed beyond noise: {_listed(fallen)}"
+
+
+def _listed(scores: Sequence[Score]) -> str:
+    return ", ".join(
+        f"{s.evaluator}.{s.name} {s.value:.3g} (baseline {(s.baseline or {})['mean']:.3g})"
+        for s in scores
+    )
+
+
+def retrain_phase(
+    decide: DecideRecord, train: Callable[[str, str], dict[str, Any]]
+) -> RetrainRecord:
+    """Run the retraining round of the domain marked for it (at most one)."""
+    wanted = [d for d in decide.decisions if d.action == "retrain"]
     if not wanted:
         return RetrainRecord(trained=(), note="skipped: no domain was marked for retraining")
-    raise NotImplementedError(f"retraining requested for {wanted} but no trainer is configured")
+    decision = wanted[0]
+    result = train(decision.domain, decision.reason)
+    note = f"{decision.domain}: {result['outcome']}: {result['message']}"
+    return RetrainRecord(trained=(decision.domain,), note=note, rounds=(result,))

@@ -142,6 +142,7 @@ class DecideRecord:
 class RetrainRecord:
     trained: tuple[str, ...]
     note: str
+    rounds: tuple[dict[str, Any], ...] = ()  # lora.retrain.RoundResult.to_json() of each round
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,11 @@ def cycle_from_json(data: dict[str, Any]) -> CycleRecord:
         decide=DecideRecord(tuple(Decision(**d) for d in decide["decisions"]), decide["policy"])
         if decide
         else None,
-        retrain=RetrainRecord(tuple(data["retrain"]["trained"]), data["retrain"]["note"])
+        retrain=RetrainRecord(
+            tuple(data["retrain"]["trained"]),
+            data["retrain"]["note"],
+            tuple(data["retrain"].get("rounds", ())),
+        )
         if data.get("retrain")
         else None,
         error=data.get("error"),

@@ -17,7 +17,7 @@ from pathlib import Path
 from daemon.records import Outcome, Run, Score
 from knowledge.graph import SCHEMA as KNOWLEDGE_SCHEMA
 
-STATE_SCHEMA_VERSION = 2
+STATE_SCHEMA_VERSION = 3
 
 # Migration N brings the schema from version N-1 to N.
 MIGRATIONS: dict[int, str] = {
@@ -66,7 +66,29 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (cycle_id, evaluator, name, domain, task_id)
     );
     """,
+    # Per-domain decisions of each cycle, read by the retraining policy.
+    3: """
+    CREATE TABLE decisions (
+        cycle_id INTEGER NOT NULL,
+        domain TEXT NOT NULL,
+        action TEXT NOT NULL,
+        regressed INTEGER NOT NULL,
+        comparable INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        PRIMARY KEY (cycle_id, domain)
+    )
+    """,
 }
+
+
+@dataclass(frozen=True)
+class DecisionRow:
+    domain: str
+    action: str  # "keep" or "retrain"
+    regressed: bool  # a score of the domain regressed beyond noise this cycle
+    comparable: bool  # a full cycle, whose scores were judged
+    reason: str
+    cycle_id: int = 0
 
 
 class StateError(Exception):
@@ -247,6 +269,36 @@ class StateStore:
             "SELECT task_id, max(cycle_id) AS cycle_id FROM runs GROUP BY task_id"
         ).fetchall()
         return {row["task_id"]: row["cycle_id"] for row in rows}
+
+    def add_decisions(self, cycle_id: int, rows: Sequence[DecisionRow]) -> None:
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO decisions VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (cycle_id, r.domain, r.action, int(r.regressed), int(r.comparable), r.reason)
+                    for r in rows
+                ],
+            )
+
+    def decision_history(self, domain: str, before_cycle: int) -> list[DecisionRow]:
+        """Return the domain's decisions of finished cycles before `before_cycle`, newest first."""
+        rows = self.connection.execute(
+            """SELECT d.* FROM decisions d JOIN cycles c ON c.id = d.cycle_id
+               WHERE d.domain = ? AND d.cycle_id < ? AND c.outcome != 'running'
+               ORDER BY d.cycle_id DESC""",
+            (domain, before_cycle),
+        ).fetchall()
+        return [
+            DecisionRow(
+                row["domain"],
+                row["action"],
+                bool(row["regressed"]),
+                bool(row["comparable"]),
+                row["reason"],
+                row["cycle_id"],
+            )
+            for row in rows
+        ]
 
     def runs_of_cycle(self, cycle_id: int) -> list[sqlite3.Row]:
         return self.connection.execute(

@@ -127,6 +127,31 @@ class Logbook:
             files.append("plots")
         return self._commit(files, message)
 
+    def commit_decision(self, result: dict) -> str:
+        """Write a retraining decision's page, JSON and loss plot, commit; return the sha."""
+        from journal import decisions
+
+        stem = f"decisions/{decisions.decision_stem(result)}"
+        document = {"schema_version": decisions.SCHEMA_VERSION, **result}
+        self._write(f"{stem}.json", json.dumps(document, indent=2, ensure_ascii=False))
+        files = [f"{stem}.json", f"{stem}.md"]
+        plot = None
+        losses = result.get("training", {}).get("losses")
+        if losses:
+            try:
+                decisions.write_loss_plot(losses, self.path / f"{stem}-loss.png")
+                plot = f"{Path(stem).name}-loss.png"
+                files.append(f"{stem}-loss.png")
+            except Exception:  # a plot is never worth a lost decision
+                log.exception("journal.loss_plot_failed", adapter=result.get("adapter"))
+        self._write(f"{stem}.md", decisions.decision_page(result, plot))
+        message = (
+            decisions.decision_subject(result)
+            + "\n\n"
+            + format_trailers(decisions.decision_trailers(result))
+        )
+        return self._commit(files, message)
+
     def _updated_index(self, record: CycleRecord) -> list[dict]:
         index_file = self.path / "index.json"
         index = json.loads(index_file.read_text(encoding="utf-8")) if index_file.exists() else []

@@ -151,6 +151,13 @@ class LlamaCppBackend:
                 f"{self.model_path.name} is '{self.info.architecture}'; use an adapter trained "
                 "on this base"
             )
+        # llama.cpp aborts the process on some mismatched adapters: check in Python first.
+        from lora.gguf_adapter import AdapterFormatError, check_fits_base, read_gguf_adapter
+
+        try:
+            check_fits_base(read_gguf_adapter(path, load_tensors=False), self.info)
+        except AdapterFormatError as error:
+            raise AdapterError(str(error)) from error
         handle = self._llama_cpp.llama_adapter_lora_init(self.llm.model, str(path).encode())
         if not handle:
             raise AdapterError(

@@ -66,7 +66,7 @@ def test_cycle_page_lists_answers(agent):
     assert "| geo-france | geography | en |" in page
     assert "### sum-four-five" in page
     assert record.runs[0].text.strip() in page
-    assert "no retraining policy is configured" in page
+    assert "- geography: keep (no score regressed beyond noise)" in page
 
 
 def test_cycle_rows_in_state(agent):

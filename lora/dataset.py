@@ -1,0 +1,148 @@
+"""The training set of a retraining round, built without labels.
+
+Two sources, both of the domain being retrained:
+
+- self-distillation: the model's own past answers that look right without a
+  label. An answer qualifies when it came from a finished cycle, is not empty
+  or cut off, none of its extracted facts takes part in a contradiction in the
+  knowledge graph, and it is the majority answer of its task across cycles
+  (self-consistency over time);
+- the training split of the domain's reference corpus (knowledge/corpus.py).
+
+Held out, never trained on: the corpus's held-out paragraphs and every answer
+of the domain's held-out tasks (about one task in four, by a hash of its id).
+The set's sha256 is recorded with the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from knowledge.corpus import split_corpus
+
+HELD_OUT_TASK_EVERY = 4
+MIN_MAJORITY = 0.5  # share of a task's answers that must agree for distillation
+MIN_ANSWER_CHARS = 3
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str  # context that is not trained on (empty for corpus text)
+    completion: str  # the text the loss is computed on
+    source: str  # "answer:<task id>" or "corpus"
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    domain: str
+    train: tuple[Example, ...]
+    held_out_texts: tuple[str, ...]  # corpus paragraphs for held-out perplexity
+    held_out_tasks: tuple[str, ...]  # task ids whose answers never enter training
+    sha256: str
+    rejected_answers: dict[str, int]  # reason -> count, for the decision page
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "domain": self.domain,
+            "sha256": self.sha256,
+            "train": [asdict(example) for example in self.train],
+            "held_out_texts": list(self.held_out_texts),
+            "held_out_tasks": list(self.held_out_tasks),
+            "rejected_answers": self.rejected_answers,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        sources = Counter(example.source.split(":")[0] for example in self.train)
+        return {
+            "examples": len(self.train),
+            "answers": sources.get("answer", 0),
+            "corpus_paragraphs": sources.get("corpus", 0),
+            "held_out_paragraphs": len(self.held_out_texts),
+            "held_out_tasks": len(self.held_out_tasks),
+            "rejected_answers": self.rejected_answers,
+            "sha256": self.sha256,
+        }
+
+
+def is_held_out_task(task_id: str) -> bool:
+    return hashlib.sha256(task_id.encode("utf-8")).digest()[0] % HELD_OUT_TASK_EVERY == 0
+
+
+def held_out_tasks(task_ids: Sequence[str]) -> list[str]:
+    """Return the held-out task ids of a domain; two or more tasks always keep one out."""
+    ids = sorted(set(task_ids))
+    held = [task for task in ids if is_held_out_task(task)]
+    if not held and len(ids) >= 2:
+        held = [ids[-1]]
+    return held
+
+
+def build_training_set(
+    domain: str,
+    task_ids: Sequence[str],
+    runs: Sequence[Any],
+    contradicted_runs: set[int],
+    corpus: Path | None,
+) -> TrainingSet:
+    """Build the set from the domain's stored runs (rows of `runs` in state.sqlite with
+    task_id, prompt, text, finish_reason, id) and its corpus folder."""
+    held_tasks = held_out_tasks(task_ids)
+    rejected: Counter[str] = Counter()
+    answers = _distilled_answers(runs, set(held_tasks), contradicted_runs, rejected)
+    split = split_corpus(corpus) if corpus else None
+    examples = answers + [Example("", text, "corpus") for text in (split.train if split else ())]
+    unique = list(dict.fromkeys(examples))
+    digest = hashlib.sha256(
+        json.dumps([asdict(e) for e in unique], sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
+    return TrainingSet(
+        domain=domain,
+        train=tuple(unique),
+        held_out_texts=split.held_out if split else (),
+        held_out_tasks=tuple(held_tasks),
+        sha256=digest,
+        rejected_answers=dict(rejected),
+    )
+
+
+def _distilled_answers(
+    runs: Sequence[Any], held: set[str], contradicted: set[int], rejected: Counter[str]
+) -> list[Example]:
+    by_task: dict[str, list[Any]] = defaultdict(list)
+    for run in runs:
+        by_task[run["task_id"]].append(run)
+    chosen = []
+    for task_id, task_runs in sorted(by_task.items()):
+        if task_id in held:
+            rejected["held-out task"] += len(task_runs)
+            continue
+        usable = []
+        for run in task_runs:
+            text = run["text"].strip()
+            if len(text) < MIN_ANSWER_CHARS or run["finish_reason"] != "stop":
+                rejected["empty or cut off"] += 1
+            elif run["id"] in contradicted:
+                rejected["in a contradiction"] += 1
+            else:
+                usable.append(run)
+        if not usable:
+            continue
+        counts = Counter(_normalized(run["text"]) for run in usable)
+        answer, count = counts.most_common(1)[0]
+        if count / len(task_runs) < MIN_MAJORITY:
+            rejected["no majority answer"] += len(usable)
+            continue
+        run = next(r for r in usable if _normalized(r["text"]) == answer)
+        chosen.append(Example(run["prompt"], " " + run["text"].strip(), f"answer:{task_id}"))
+        rejected["not the majority answer"] += len(usable) - count
+    return chosen
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.lower().split())
