@@ -16,6 +16,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("import", "lora.importer", "convert a GGUF LoRA adapter to a PEFT folder"),
     ("info", "lora.info", "show and validate an adapter's A3X metadata"),
     ("profile", "lora.profile", "memory per layer: weights, LoRA tensors and activations"),
+    ("check", "lora.check", "check that an adapter fits a base and matches its PEFT original"),
     ("merge", "lora.merge", "merge LoRA adapters into a GGUF base model"),
     (
         "quant-error",
