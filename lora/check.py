@@ -95,7 +95,7 @@ N_CTX = 2048  # context of the llama.cpp run, in tokens, unless the base's is sh
 # Q4_K_M with the built-in prompts (129 positions, 2 shared CPU cores):
 #   without adapters:                        mean KL 0.0049, top-1 0.984
 #   exported q/v/o adapter, own effect 0.09: mean KL 0.0062 (1.3x), top-1 0.977
-#   random v_proj adapter, own effect 0.44:  mean KL 0.0086 (1.7x), top-1 0.961
+#   random v_proj adapter, own effect 0.44:  mean KL 0.0087 (1.8x), top-1 0.961
 #   that adapter, PEFT alpha 10% higher:     mean KL 0.030 (6x),    top-1 0.907
 # Correct adapters with effects of 3 to 9 nats drifted 5x to 16x, probably
 # because they move activations where the Q4_K error weighs more; for those
