@@ -90,8 +90,13 @@ def coherence_validation(path: Path) -> dict[str, Any]:
 
 
 def corpus_sentences() -> list[str]:
+    """Return the sentences of the default task book's corpora (other books' corpora,
+    such as the almanac's, stay out so that the validation figures do not move)."""
+    from daemon.taskbook import default_book_path, load_book
+
+    folders = [d.reference_corpus for d in load_book(default_book_path()).domains.values()]
     sentences = []
-    for file in sorted((ROOT / "daemon" / "taskbook" / "corpus").glob("*/*.txt")):
+    for file in sorted(f for folder in folders if folder for f in folder.glob("*.txt")):
         text = file.read_text(encoding="utf-8")
         sentences += [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if len(s.split()) > 4]
     return sentences

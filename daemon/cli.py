@@ -98,7 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     cycle.add_argument(
         "--wait", action="store_true", help="with a running daemon, wait for the cycle's result"
     )
-    cycle.set_defaults(handler=command_cycle)
+    cycle.set_defaults(handler=command_cycle, retrain=[])
+
+    retrain = commands.add_parser(
+        "retrain",
+        help="run a cycle of one domain's tasks and retrain its LoRA adapter",
+        description="Run the domain's tasks, then one retraining round: train a LoRA adapter "
+        "on the domain's best past answers and corpus, gate it against the adapter that "
+        "serves now, and record the decision in the journal. It takes minutes.",
+    )
+    retrain.add_argument("domain", help="the domain to retrain (see `a3x tasks list`)")
+    retrain.add_argument("--json", action="store_true", help="print the cycle record as JSON")
+    retrain.add_argument(
+        "--wait", action="store_true", help="with a running daemon, wait for the result"
+    )
+    retrain.set_defaults(handler=command_retrain)
 
     scores = commands.add_parser("scores", help="print the score series of recent cycles")
     scores.add_argument("--domain", help="only this domain's series (default: the whole cycle)")
@@ -274,7 +288,12 @@ def command_cycle(args: argparse.Namespace) -> int:
 
     agent = Agent(config)
     try:
-        request = CycleRequest(trigger="manual", task_ids=tuple(args.task), domain=args.domain)
+        request = CycleRequest(
+            trigger="manual",
+            task_ids=tuple(args.task),
+            domain=args.domain,
+            retrain=tuple(args.retrain),
+        )
         record = agent.run_cycle(request)
     finally:
         agent.close()
@@ -285,11 +304,20 @@ def command_cycle(args: argparse.Namespace) -> int:
     return EXIT_CYCLE_FAILED if record.outcome is Outcome.FAILED else EXIT_OK
 
 
+def command_retrain(args: argparse.Namespace) -> int:
+    if not args.domain.strip():
+        raise KeyError("the domain is empty; give a domain name, see `a3x tasks list`")
+    args.retrain, args.task = [args.domain], []
+    return command_cycle(args)
+
+
 def cycle_through_daemon(client: ControlClient, args: argparse.Namespace, home: Home) -> int:
     """Ask the running daemon for a cycle; print its id, and its result with --wait."""
     message: dict[str, Any] = {"command": "cycle", "tasks": args.task, "wait": args.wait}
     if args.domain:
         message["domain"] = args.domain
+    if args.retrain:
+        message["retrain"] = args.retrain
     for reply in client.request(message, timeout=None if args.wait else 60.0):
         if not reply.get("ok"):
             raise CycleBusyError(f"the daemon did not run the cycle: {reply.get('error')}")
@@ -312,6 +340,11 @@ def print_cycle_summary(record: CycleRecord, logbook: Logbook) -> None:
     print(f"model:   {record.model.get('name')} ({record.model.get('backend')})")
     print(f"journal: {logbook.path} (commit {logbook.repo.head.commit.hexsha[:12]})")
     print(f"page:    {logbook.cycle_page_path(record.cycle)}")
+    for result in record.retrain.rounds if record.retrain else ():
+        print(f"retrain: {result['domain']}: {result['outcome']}: {result['message']}")
+        if result.get("adapter"):
+            stem = result["adapter"].replace("/", "-")
+            print(f"decision: {logbook.path / 'decisions' / (stem + '.md')}")
 
 
 def command_status(args: argparse.Namespace) -> int:

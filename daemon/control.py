@@ -5,7 +5,7 @@ with one JSON line, or two for a cycle with `"wait": true` (the start, then
 the result). Every reply has `"ok"`; a failed request has `"error"` with a
 sentence saying what was wrong. Requests:
 
-    {"command": "cycle", "tasks": ["id", ...], "domain": "d", "wait": false}
+    {"command": "cycle", "tasks": ["id", ...], "domain": "d", "retrain": ["d"], "wait": false}
     {"command": "status"}
     {"command": "pause"}      pause the schedule (a running cycle finishes)
     {"command": "resume"}
@@ -36,7 +36,7 @@ MAX_DISCARD_BYTES = 64 * 1024 * 1024  # an oversized line is read and dropped up
 CLIENT_TIMEOUT_SECONDS = 10.0
 COMMANDS = ("cycle", "status", "pause", "resume", "reload")
 REQUEST_KEYS = {command: {"command"} for command in COMMANDS}
-REQUEST_KEYS["cycle"] = {"command", "tasks", "domain", "wait"}
+REQUEST_KEYS["cycle"] = {"command", "tasks", "domain", "retrain", "wait"}
 Handler = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], None]
 
 

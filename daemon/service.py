@@ -220,7 +220,17 @@ class Service:
         if domain is not None and (not isinstance(domain, str) or not domain.strip()):
             reply({"ok": False, "error": "'domain' must be a non-empty string"})
             return
-        cycle_request = CycleRequest(trigger="manual", task_ids=tuple(tasks), domain=domain)
+        retrain = request.get("retrain", [])
+        if not isinstance(retrain, list) or not all(isinstance(d, str) for d in retrain):
+            reply({"ok": False, "error": "'retrain' must be a list of domain names"})
+            return
+        unknown = [d for d in retrain if d not in self.agent.book.domains]
+        if unknown:
+            reply({"ok": False, "error": f"unknown domain {', '.join(unknown)} to retrain"})
+            return
+        cycle_request = CycleRequest(
+            trigger="manual", task_ids=tuple(tasks), domain=domain, retrain=tuple(retrain)
+        )
         if tasks or domain:
             try:
                 requested_tasks(self.agent.book, cycle_request)

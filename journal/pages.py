@@ -143,15 +143,16 @@ def _run_table(runs: tuple[Run, ...]) -> str:
     lines = [
         "## Tasks",
         "",
-        "| task | domain | lang | prompt tok | answer tok | wall s | tok/s | answer |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "| task | domain | lang | adapter | prompt tok | answer tok | wall s | tok/s | answer |",
+        "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for run in runs:
         preview = run.error and f"error: {run.error}" or run.text.strip()
         if len(preview) > ANSWER_PREVIEW_CHARS:
             preview = preview[: ANSWER_PREVIEW_CHARS - 1] + "…"
         lines.append(
-            f"| {run.task_id} | {run.domain} | {run.language} | {run.prompt_tokens} | "
+            f"| {run.task_id} | {run.domain} | {run.language} | "
+            f"{', '.join(run.adapters) or 'base'} | {run.prompt_tokens} | "
             f"{run.completion_tokens} | {run.wall_seconds:.2f} | {run.tokens_per_second:.1f} | "
             f"{_cell(preview) or '*(empty)*'} |"
         )
@@ -302,7 +303,8 @@ def _answers(runs: tuple[Run, ...]) -> str:
         return ""
     lines = ["## Answers", ""]
     for run in runs:
-        lines.append(f"### {run.task_id}")
+        adapter = f" (adapter {', '.join(run.adapters)})" if run.adapters else ""
+        lines.append(f"### {run.task_id}{adapter}")
         lines.append("")
         lines.append(_fenced(run.text if run.error is None else f"error: {run.error}"))
         lines.append("")

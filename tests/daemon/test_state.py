@@ -27,7 +27,7 @@ def test_newer_database_rejected(tmp_path: Path):
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version = 99")
     db.close()
-    with pytest.raises(StateError, match="schema version 99, but this A3X supports up to 2"):
+    with pytest.raises(StateError, match="schema version 99, but this A3X supports up to 3"):
         StateStore(path)
 
 
