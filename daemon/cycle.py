@@ -306,7 +306,10 @@ class Agent:
 
             with timer("retrain"):
                 retrain = retrain_phase(
-                    decide, lambda domain, reason: self.retrain(domain, reason, cycle_id, stop)
+                    decide,
+                    lambda domain, reason: self.retrain(
+                        domain, reason, cycle_id, stop, request.poison
+                    ),
                 )
             record = replace(record, retrain=retrain)
         except Exception as error:  # a failed cycle is recorded, never lost

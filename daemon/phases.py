@@ -46,6 +46,9 @@ class CycleRequest:
     task_ids: tuple[str, ...] = ()
     domain: str | None = None
     retrain: tuple[str, ...] = ()  # domains to retrain in this cycle, whatever the scores
+    # Negative controls for the retraining proof ("shuffle" or "contradict" the
+    # training data); not offered on the command line.
+    poison: str = ""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from daemon.config import Config, thread_count
 from evaluators.coherence import find_contradictions
 from evaluators.gate import GateConfig
-from lora.dataset import build_training_set
+from lora.dataset import build_training_set, contradict
 from lora.retrain import DomainTask, RoundInputs, RoundSettings, held_out_of_domains
 
 if TYPE_CHECKING:
@@ -52,6 +52,8 @@ def retrain_inputs(
     tasks = [task for task in agent.book.tasks if task.domain == domain]
     corpus = agent.book.domains[domain].reference_corpus
     training_set = build_training_set(domain, [t.id for t in tasks], runs, contradicted, corpus)
+    if poison == "contradict":
+        training_set = contradict(training_set)
     held = set(training_set.held_out_tasks)
     ordered = sorted(tasks, key=lambda task: (task.id not in held, task.id))  # held-out first
     return RoundInputs(
@@ -63,7 +65,7 @@ def retrain_inputs(
         other_held_out=held_out_of_domains(agent.book.domains, skip=domain),
         base_gguf=agent.model_info.path,
         base_folder=training_base(agent),
-        poison=poison,
+        poison="shuffle" if poison == "shuffle" else "",
     )
 
 

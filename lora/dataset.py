@@ -146,3 +146,32 @@ def _distilled_answers(
 
 def _normalized(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def contradict(training_set: TrainingSet, seed: int = 0) -> TrainingSet:
+    """Return a copy whose training texts state wrong facts: capitalized names are
+    swapped by one random permutation across all examples (a negative control for
+    the gate; the held-out texts keep the true facts)."""
+    import random
+    import re
+
+    pattern = re.compile(r"\b[A-Z][a-z]+\b")
+    names = sorted({m for e in training_set.train for m in pattern.findall(e.completion)})
+    shuffled = names[:]
+    random.Random(seed).shuffle(shuffled)
+    mapping = dict(zip(names, shuffled, strict=True))
+    swapped = tuple(
+        Example(e.prompt, pattern.sub(lambda m: mapping[m.group(0)], e.completion), e.source)
+        for e in training_set.train
+    )
+    digest = hashlib.sha256(
+        json.dumps([asdict(e) for e in swapped], sort_keys=True, ensure_ascii=False).encode()
+    ).hexdigest()
+    return TrainingSet(
+        training_set.domain,
+        swapped,
+        training_set.held_out_texts,
+        training_set.held_out_tasks,
+        digest,
+        training_set.rejected_answers,
+    )
