@@ -21,9 +21,13 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cache folder for dequantized models, shared by every test of a session,
-    because dequantizing the default model takes about a minute."""
+def model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder for dequantized models, shared by every test: pytest's cache
+    folder, kept across runs, because dequantizing the default model takes about a
+    minute; a folder of this session when the cache plugin is off."""
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        return Path(cache.mkdir("a3x-model-cache"))
     return tmp_path_factory.mktemp("model-cache")
 
 

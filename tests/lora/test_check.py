@@ -496,11 +496,8 @@ def gemma() -> Path:
 
 
 @pytest.fixture(scope="module")
-def gemma_cache(request: pytest.FixtureRequest, model_cache: Path) -> Path:
-    """pytest's cache folder, which keeps the dequantized Gemma (a minute to build)
-    across runs; the session's model cache when the cache plugin is off."""
-    cache = getattr(request.config, "cache", None)
-    return cache.mkdir("a3x-model-cache") if cache is not None else model_cache
+def gemma_cache(model_cache: Path) -> Path:
+    return model_cache
 
 
 def gemma_v_proj_pair(folder: Path, peft_alpha: float = ALPHA) -> tuple[Path, Path]:

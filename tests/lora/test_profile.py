@@ -8,8 +8,6 @@ relations: positive, equal across identical layers, linear in context and batch.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -282,11 +280,8 @@ def test_cli_rejects_adapter_for_other_base(
 
 
 @pytest.fixture(scope="module")
-def dequantized_cache() -> Path:
-    """A cache folder kept between test runs, because dequantizing the default model
-    takes about a minute and reading the cached copy a few seconds."""
-    folder = os.environ.get("A3X_TEST_CACHE") or Path(tempfile.gettempdir()) / "a3xcache"
-    return Path(folder)
+def dequantized_cache(model_cache: Path) -> Path:
+    return model_cache
 
 
 @pytest.mark.slow
