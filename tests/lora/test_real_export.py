@@ -104,3 +104,20 @@ def test_gemma_refusals(gemma, model_cache, tmp_path, config, message):
 
     with pytest.raises(PeftAdapterError, match=message):
         export_adapter(peft, tmp_path / "adapter.gguf", base=gemma)
+
+
+def test_gemma_config_without_base_needs_explicit_base(gemma, rslora_peft, tmp_path):
+    import json
+    import shutil
+
+    from lora.export import ExportError
+
+    peft = Path(shutil.copytree(rslora_peft, tmp_path / "moved"))
+    config = json.loads((peft / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = None
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ExportError, match="names no base model; pass the base GGUF file"):
+        export_adapter(peft, tmp_path / "adapter.gguf")
+    result = export_adapter(peft, tmp_path / "adapter.gguf", base=gemma)
+    assert result.metadata.base.architecture == "gemma3"
