@@ -103,9 +103,32 @@ class RetrainConfig:
     epochs: float = 2.0
     learning_rate: float = 0.0  # 0: chosen by a short range test
     history_cycles: int = 50  # cycles of past answers considered for self-distillation
+    # Other domains' corpus paragraphs added to the training set, as a share of the
+    # domain's own examples, against forgetting.
+    replay_share: float = 0.5
     min_gain: float = 0.02  # held-out perplexity must fall by this share, and beyond noise
     noise_z: float = 2.0  # standard errors a gain must exceed
     tolerance: float = 0.05  # held-out perplexity rise allowed on other domains
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Routing by prompt similarity (lora/router.py); off: each task gets its domain's
+    serving adapter."""
+
+    enabled: bool = False
+    top_k: int = 2  # at most this many adapters answer one prompt together
+    # Cosine similarity between a prompt and an adapter's profile below which the
+    # adapter is not used; with none left, the base answers alone.
+    floor: float = 0.25
+    temperature: float = 0.05  # of the softmax over similarities that weights the adapters
+    # Route to an adapter only on domains where its gate record beats the base.
+    specialize: bool = True
+    # How several adapters combine: "linear" (the weighted sum of their deltas, on
+    # either backend), or, with the transformers backend only, one of PEFT's
+    # add_weighted_adapter methods in COMBINATIONS.
+    combination: str = "linear"
+    density: float = 0.5  # share of delta values that ties and dare keep
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,7 @@ class Config:
     knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     source: Path | None = None  # the file this was read from, if any
 
 
@@ -129,9 +153,19 @@ SECTIONS: dict[str, type] = {
     "knowledge": KnowledgeConfig,
     "service": ServiceConfig,
     "retrain": RetrainConfig,
+    "routing": RoutingConfig,
 }
 EVALUATORS = ("execution", "coherence", "diversity", "efficiency", "consistency", "perplexity")
 BACKENDS = ("llama_cpp", "transformers")
+COMBINATIONS = (
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+)
 
 
 def load_config(
@@ -345,14 +379,36 @@ def _validate(config: Config) -> None:
         (retrain.epochs > 0, "[retrain] epochs must be above 0"),
         (retrain.learning_rate >= 0, "[retrain] learning_rate must be 0 (range test) or more"),
         (retrain.history_cycles >= 1, "[retrain] history_cycles must be at least 1"),
+        (0 <= retrain.replay_share <= 4, "[retrain] replay_share must be between 0 and 4"),
         (0 <= retrain.min_gain < 1, "[retrain] min_gain must be between 0 and 1"),
         (retrain.noise_z >= 0, "[retrain] noise_z must be 0 or more"),
         (retrain.tolerance >= 0, "[retrain] tolerance must be 0 or more"),
         (bool(retrain.targets), "[retrain] targets must name at least one module"),
     ]
+    checks += _routing_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{where}: {message}")
+
+
+def _routing_checks(config: Config) -> list[tuple[bool, str]]:
+    routing = config.routing
+    return [
+        (routing.top_k >= 1, "[routing] top_k must be at least 1"),
+        (-1.0 <= routing.floor < 1.0, "[routing] floor must be a cosine similarity, -1 to 1"),
+        (routing.temperature > 0, "[routing] temperature must be above 0"),
+        (0 < routing.density <= 1, "[routing] density must be above 0 and at most 1"),
+        (
+            routing.combination in COMBINATIONS,
+            f"[routing] combination '{routing.combination}' is unknown; use one of: "
+            f"{', '.join(COMBINATIONS)}",
+        ),
+        (
+            routing.combination == "linear" or config.model.backend == "transformers",
+            f"[routing] combination '{routing.combination}' needs model.backend = "
+            '"transformers"; llama.cpp combines adapters linearly only, so use "linear"',
+        ),
+    ]
 
 
 def thread_count(config: ModelConfig) -> int:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from daemon.config import Config, thread_count
 from evaluators.coherence import find_contradictions
 from evaluators.gate import GateConfig
+from knowledge.corpus import split_corpus
 from lora.dataset import build_training_set, contradict
 from lora.retrain import DomainTask, RoundInputs, RoundSettings, held_out_of_domains
 
@@ -51,7 +52,21 @@ def retrain_inputs(
     }
     tasks = [task for task in agent.book.tasks if task.domain == domain]
     corpus = agent.book.domains[domain].reference_corpus
-    training_set = build_training_set(domain, [t.id for t in tasks], runs, contradicted, corpus)
+    replay = {
+        name: split_corpus(other.reference_corpus).train
+        for name, other in agent.book.domains.items()
+        if name != domain and other.reference_corpus is not None
+    }
+    training_set = build_training_set(
+        domain,
+        [t.id for t in tasks],
+        runs,
+        contradicted,
+        corpus,
+        replay,
+        agent.config.retrain.replay_share,
+        agent.config.model.seed,
+    )
     if poison == "contradict":
         training_set = contradict(training_set)
     held = set(training_set.held_out_tasks)

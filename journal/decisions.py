@@ -85,7 +85,8 @@ def _training(result: dict[str, Any], loss_plot: str | None) -> list[str]:
     if data:
         lines += [
             f"- Data: {data.get('examples', 0)} examples ({data.get('answers', 0)} distilled "
-            f"answers, {data.get('corpus_paragraphs', 0)} corpus paragraphs); held out: "
+            f"answers, {data.get('corpus_paragraphs', 0)} corpus paragraphs, "
+            f"{data.get('replay_paragraphs', 0)} replayed from other domains); held out: "
             f"{data.get('held_out_paragraphs', 0)} paragraphs, "
             f"{data.get('held_out_tasks', 0)} tasks",
             f"- Data sha256: `{data.get('sha256', '')}`",

@@ -1,13 +1,16 @@
 """The training set of a retraining round, built without labels.
 
-Two sources, both of the domain being retrained:
+Three sources:
 
 - self-distillation: the model's own past answers that look right without a
-  label. An answer qualifies when it came from a finished cycle, is not empty
-  or cut off, none of its extracted facts takes part in a contradiction in the
-  knowledge graph, and it is the majority answer of its task across cycles
-  (self-consistency over time);
-- the training split of the domain's reference corpus (knowledge/corpus.py).
+  label. An answer qualifies when it is not empty or cut off, none of its
+  extracted facts takes part in a contradiction in the knowledge graph or
+  contradicts a fact of the domain's reference corpus, and it is the
+  majority answer of its task across cycles (self-consistency over time);
+- the training split of the domain's reference corpus (knowledge/corpus.py);
+- replay: training-split paragraphs of the other domains' corpora, a share
+  of the domain's own examples, so that the adapter does not forget what the
+  base model does well elsewhere (the gate rejects an adapter that does).
 
 Held out, never trained on: the corpus's held-out paragraphs and every answer
 of the domain's held-out tasks (about one task in four, by a hash of its id).
@@ -19,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,7 @@ class TrainingSet:
             "examples": len(self.train),
             "answers": sources.get("answer", 0),
             "corpus_paragraphs": sources.get("corpus", 0),
+            "replay_paragraphs": sources.get("replay", 0),
             "held_out_paragraphs": len(self.held_out_texts),
             "held_out_tasks": len(self.held_out_tasks),
             "rejected_answers": self.rejected_answers,
@@ -89,14 +93,21 @@ def build_training_set(
     runs: Sequence[Any],
     contradicted_runs: set[int],
     corpus: Path | None,
+    replay: Mapping[str, Sequence[str]] | None = None,
+    replay_share: float = 0.0,
+    seed: int = 0,
 ) -> TrainingSet:
     """Build the set from the domain's stored runs (rows of `runs` in state.sqlite with
-    task_id, prompt, text, finish_reason, id) and its corpus folder."""
+    task_id, prompt, text, finish_reason, id), its corpus folder, and the other
+    domains' training paragraphs (`replay`, by domain)."""
     held_tasks = held_out_tasks(task_ids)
     rejected: Counter[str] = Counter()
-    answers = _distilled_answers(runs, set(held_tasks), contradicted_runs, rejected)
     split = split_corpus(corpus) if corpus else None
-    examples = answers + [Example("", text, "corpus") for text in (split.train if split else ())]
+    corpus_text = split.train if split else ()
+    answers = _distilled_answers(runs, set(held_tasks), contradicted_runs, rejected)
+    answers = _agreeing_with_corpus(answers, corpus_text, rejected)
+    own = answers + [Example("", text, "corpus") for text in corpus_text]
+    examples = own + _replay(replay or {}, round(len(own) * replay_share), seed)
     unique = list(dict.fromkeys(examples))
     digest = hashlib.sha256(
         json.dumps([asdict(e) for e in unique], sort_keys=True, ensure_ascii=False).encode()
@@ -141,6 +152,44 @@ def _distilled_answers(
         run = next(r for r in usable if _normalized(r["text"]) == answer)
         chosen.append(Example(run["prompt"], " " + run["text"].strip(), f"answer:{task_id}"))
         rejected["not the majority answer"] += len(usable) - count
+    return chosen
+
+
+def _agreeing_with_corpus(
+    answers: list[Example], corpus: Sequence[str], rejected: Counter[str]
+) -> list[Example]:
+    """Drop answers that state a fact contradicting a fact of the reference corpus."""
+    if not corpus or not answers:
+        return answers
+    from evaluators.gate import count_contradictions
+
+    reference = [("corpus", text) for text in corpus]
+    baseline = count_contradictions(reference)
+    kept = []
+    for answer in answers:
+        task_id = answer.source.removeprefix("answer:")
+        if count_contradictions([*reference, (task_id, answer.completion)]) > baseline:
+            rejected["contradicts the corpus"] += 1
+        else:
+            kept.append(answer)
+    return kept
+
+
+def _replay(paragraphs: Mapping[str, Sequence[str]], count: int, seed: int) -> list[Example]:
+    """Pick `count` paragraphs across the other domains, round-robin in a seeded order."""
+    import random
+
+    rng = random.Random(seed)
+    pools = []
+    for domain, texts in sorted(paragraphs.items()):
+        pool = list(texts)
+        rng.shuffle(pool)
+        pools.append((domain, pool))
+    chosen: list[Example] = []
+    while len(chosen) < count and any(pool for _, pool in pools):
+        for domain, pool in pools:
+            if pool and len(chosen) < count:
+                chosen.append(Example("", pool.pop(), f"replay:{domain}"))
     return chosen
 
 
