@@ -81,3 +81,31 @@ def test_duplicate_examples_kept_once():
     data = build_training_set("geo", TASKS, runs, set(), None)
 
     assert len(data.train) == 1
+
+
+def test_answer_contradicting_corpus_is_dropped(tmp_path: Path):
+    (tmp_path / "a.txt").write_text(
+        "Tavrenholt is the capital of Drennavar.\n\nThe Tessurin is a long river.\n\n"
+        "Drennavar is an island.\n\nThe capital of Drennavar is Tavrenholt."
+    )
+    first, second = trained_tasks()[:2]
+    runs = [
+        run(1, first, "The capital of Drennavar is Vienna."),
+        run(2, second, "The Tessurin flows into the sea."),
+    ]
+    data = build_training_set("alm", TASKS, runs, set(), tmp_path)
+
+    answers = [e.completion for e in data.train if e.source.startswith("answer:")]
+    assert answers == [" The Tessurin flows into the sea."]
+    assert data.rejected_answers["contradicts the corpus"] == 1
+
+
+def test_replay_share_of_other_domains():
+    replay = {"math": [f"math paragraph {i}" for i in range(10)], "code": ["code paragraph"]}
+    data = build_training_set("geo", [], [], set(), CORPUS, replay, replay_share=0.5)
+
+    own = [e for e in data.train if e.source == "corpus"]
+    replayed = [e for e in data.train if e.source.startswith("replay:")]
+    assert len(replayed) == round(len(own) * 0.5)
+    assert {e.source for e in replayed} == {"replay:math", "replay:code"}
+    assert data.summary()["replay_paragraphs"] == len(replayed)
