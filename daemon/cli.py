@@ -239,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     resilience.add_control_arguments(control_latency)
     control_latency.set_defaults(handler=resilience.control_command)
+
+    from bench import retrain_proof
+
+    proof = bench_commands.add_parser(
+        "retrain-proof",
+        help="teach the default model the almanac facts; poisoned rounds must be rejected",
+    )
+    retrain_proof.add_arguments(proof)
+    proof.set_defaults(handler=retrain_proof.command)
     return parser
 
 
