@@ -3,15 +3,18 @@
 The model is read from the training base's config.json, so nothing is loaded.
 All tensors are float32 (4 bytes). The terms:
 
-- runtime: the Python process with torch, transformers and PEFT imported and
-  the tokenizer loaded, before the weights (RUNTIME_BYTES, measured below);
+- runtime: the Python process with torch, transformers and PEFT imported,
+  plus the tokenizer, which grows with the vocabulary (measured below);
 - weights: every parameter of the base, tied embeddings counted once;
 - LoRA: the adapter's parameters, their gradients and AdamW's two moments;
 - activations: what autograd keeps for the backward pass, per token and
   layer, for the hidden-size and intermediate-size tensors of a decoder layer
   plus the attention probabilities (heads x sequence per token);
-- logits: batch x sequence x vocabulary for the logits, their log-softmax and
-  its gradient, which dominates for large vocabularies (Gemma 3: 262,144).
+- logits: batch x sequence x vocabulary for the logits, their log-softmax,
+  its gradient and the loss's working copy, which dominates for large
+  vocabularies (Gemma 3: 262,144);
+- allocator slack: over many steps of varying length, glibc keeps freed
+  activation and logits buffers, so RSS climbs above the one-step peak.
 """
 
 from __future__ import annotations
@@ -24,16 +27,22 @@ from typing import Any
 from lora import LoraError
 
 FLOAT_BYTES = 4
-# Measured: RSS of a process with torch 2.13, transformers 5 and PEFT imported
-# and the Gemma 3 tokenizer loaded, on x86_64 Linux (about 0.5 GB).
-RUNTIME_BYTES = 520 * 2**20
+# Measured on x86_64 Linux with torch 2.13 and transformers 5: 380 MiB after the
+# imports, and a peak 461 MiB higher while Gemma 3's 262,144-token tokenizer
+# loads, about 1.8 KiB per vocabulary entry.
+IMPORTS_BYTES = 380 * 2**20
+TOKENIZER_BYTES_PER_TOKEN = 1844
 # Floats kept for backward per token and decoder layer, as multiples of the
 # hidden size and the intermediate size. Counted from a Llama/Gemma decoder
 # layer: norms, q/k/v/o inputs and outputs, rotary copies and residuals on the
 # hidden side; gate, up, activation and product on the MLP side.
 HIDDEN_FLOATS_PER_TOKEN = 16
 INTERMEDIATE_FLOATS_PER_TOKEN = 4
-LOGIT_COPIES = 3  # logits, log-softmax output, gradient of the logits
+LOGIT_COPIES = 4  # logits, log-softmax output, its gradient, the loss's working copy
+# Measured on Gemma 3 270M, batch 1, sequences up to 256 tokens: one step peaked
+# at 3,240 MiB, while a 45-step run with varying lengths peaked at 3,929 MiB; the
+# difference is 0.5 times the activation and logits bytes of a 256-token step.
+ALLOCATOR_SLACK = 0.5
 
 
 class MemoryBudgetError(LoraError):
@@ -47,6 +56,7 @@ class MemoryPlan:
     lora_bytes: int
     activation_bytes: int
     logits_bytes: int
+    allocator_slack_bytes: int
 
     @property
     def peak_bytes(self) -> int:
@@ -56,6 +66,7 @@ class MemoryPlan:
             + self.lora_bytes
             + self.activation_bytes
             + self.logits_bytes
+            + self.allocator_slack_bytes
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -129,12 +140,15 @@ def plan_memory(
         + INTERMEDIATE_FLOATS_PER_TOKEN * shape.intermediate
         + shape.heads * sequence  # attention probabilities
     )
+    activations = tokens * shape.layers * per_token_layer * FLOAT_BYTES
+    logits = tokens * shape.vocab * FLOAT_BYTES * LOGIT_COPIES
     return MemoryPlan(
-        runtime_bytes=RUNTIME_BYTES,
+        runtime_bytes=IMPORTS_BYTES + shape.vocab * TOKENIZER_BYTES_PER_TOKEN,
         weights_bytes=shape.parameters * FLOAT_BYTES,
         lora_bytes=lora_parameter_count(shape, rank, targets) * FLOAT_BYTES * 4,
-        activation_bytes=tokens * shape.layers * per_token_layer * FLOAT_BYTES,
-        logits_bytes=tokens * shape.vocab * FLOAT_BYTES * LOGIT_COPIES,
+        activation_bytes=activations,
+        logits_bytes=logits,
+        allocator_slack_bytes=int((activations + logits) * ALLOCATOR_SLACK),
     )
 
 
