@@ -99,15 +99,31 @@ def _watch(
 
 
 def _read_events(child: subprocess.Popen, on_event: Callable | None) -> None:
+    """Log the child's events; on a terminal, show progress as a bar instead."""
     assert child.stdout is not None
+    bar = None
     for line in child.stdout:
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
-        log.info(event.pop("event", "train.event"), **event)
+        name = event.pop("event", "train.event")
+        if name == "train.progress" and sys.stderr.isatty():
+            bar = bar or _progress_bar(event["steps"])
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.3f}")
+        else:
+            log.info(name, **event)
         if on_event:
             on_event(event)
+    if bar is not None:
+        bar.close()
+
+
+def _progress_bar(steps: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=steps, desc="training", unit="step")
 
 
 def _result(code: int | None, path: Path, reason: str, peak: int, stderr: str) -> TrainingResult:

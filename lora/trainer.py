@@ -338,6 +338,7 @@ def _report(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}")
     if bar is None and (step % 5 == 0 or step == steps - 1):
+        # The parent shows these as a progress bar on a terminal (lora/child.py).
         emit(
             {
                 "event": "train.progress",
