@@ -197,6 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
     lora = commands.add_parser("lora", help="GGUF+LoRA toolkit: export, import, merge, check")
     lora_cli.add_commands(lora)
 
+    from lora import adapters_cli
+
+    adapters = commands.add_parser(
+        "adapters",
+        help="list, show, activate, deactivate, pin or remove adapter versions",
+        description="The adapter versions of the home, named domain/vN. Changes take effect "
+        "from the next cycle.",
+    )
+    adapters_cli.add_arguments(adapters)
+
     bench = commands.add_parser("bench", help="benchmarks")
     bench_commands = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
     from bench import generate as bench_generate
