@@ -250,6 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
     resilience.add_control_arguments(control_latency)
     control_latency.set_defaults(handler=resilience.control_command)
 
+    from bench import routing as bench_routing
+
+    routing = bench_commands.add_parser(
+        "routing",
+        help="share of the shipped task prompts that routing sends to their own domain",
+    )
+    bench_routing.add_arguments(routing)
+    routing.set_defaults(handler=bench_routing.command)
+
     from bench import retrain_proof
 
     proof = bench_commands.add_parser(

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import UTC, datetime
+from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -41,9 +42,13 @@ from journal.logbook import Logbook
 from journal.plots import write_plots
 from knowledge.extract import Extractor, ModelExtractor, PatternExtractor
 from knowledge.graph import KnowledgeGraph
-from lora.registry import Adapter, AdapterRegistry
+from lora import LoraError
+from lora.registry import Adapter, AdapterRegistry, base_mismatch, configured_base
 from runtime.backend import Backend
 from runtime.loader import ModelInfo, describe_model, open_backend
+
+if TYPE_CHECKING:
+    from lora.router import Policy, Router
 
 log = structlog.get_logger(__name__)
 
@@ -145,13 +150,54 @@ class Agent:
         self.state.close()
 
     def serving_adapters(self) -> dict[str, Adapter]:
-        """Return the accepted adapter of each domain that has one."""
+        """Return the serving adapter of each domain that has one, leaving out adapters
+        trained on another base than the configured model."""
+        base = configured_base(self.model_info)
         serving = {}
         for domain in self.book.domains:
             adapter = self.registry.serving(domain)
-            if adapter is not None:
-                serving[domain] = adapter
+            if adapter is None:
+                continue
+            try:
+                problem = base_mismatch(adapter, base) if base is not None else None
+            except LoraError as error:
+                problem = str(error)
+            if problem:
+                log.warning("adapter.not_served", adapter=adapter.name, problem=problem)
+                continue
+            serving[domain] = adapter
         return serving
+
+    def adapter_path(self, adapter: Adapter) -> Path:
+        """Return the file the backend loads: the PEFT folder for transformers, else GGUF."""
+        if self.config.model.backend == "transformers":
+            return adapter.peft_folder
+        return adapter.gguf_path
+
+    def router(self, serving: dict[str, Adapter]) -> Router:
+        """Build the prompt router over the serving adapters' profiles. An adapter whose
+        profile cannot be built is left out of routing, with an error in the log."""
+        from knowledge.embed import shared_embedder
+        from lora.router import Router, RouterSettings, book_groups, ensure_profile
+
+        embedder = shared_embedder()
+
+        def groups(domain: str) -> list[list[str]]:
+            tasks = [task for task in self.book.tasks if task.domain == domain]
+            return book_groups(tasks, self.book.domains[domain].reference_corpus)
+
+        profiles = []
+        for adapter in serving.values():
+            try:
+                profiles.append(ensure_profile(adapter, embedder, groups))
+            except LoraError as error:
+                log.error("routing.profile_failed", adapter=adapter.name, error=str(error))
+        routing = self.config.routing
+        settings = RouterSettings(routing.top_k, routing.floor, routing.temperature)
+        policy = None
+        if routing.specialize:
+            policy = specialization_policy(self.registry, list(serving.values()))
+        return Router(profiles, embedder, settings, policy)
 
     def retrain(
         self, domain: str, reason: str, cycle_id: int, stop: threading.Event, poison: str = ""
@@ -221,6 +267,7 @@ class Agent:
                     cycle_id,
                     self.config.tasks.max_per_cycle,
                     {domain: adapter.name for domain, adapter in serving.items()},
+                    self.router(serving) if self.config.routing.enabled else None,
                 )
             record = replace(record, plan=plan)
 
@@ -240,7 +287,7 @@ class Agent:
                     self.config.model.seed,
                     stop,
                     sampling,
-                    {adapter.name: adapter.gguf_path for adapter in serving.values()},
+                    {adapter.name: self.adapter_path(adapter) for adapter in serving.values()},
                 )
                 execute = self._store_runs(cycle_id, execute)
             record = replace(record, execute=execute)
@@ -455,6 +502,19 @@ def recover_unfinished(agent: Agent) -> list[int]:
         log.warning("cycle.aborted_recorded", cycle=row.id, commit=commit[:12])
         recovered.append(row.id)
     return recovered
+
+
+def specialization_policy(registry: AdapterRegistry, adapters: list[Adapter]) -> Policy:
+    """Return the router's policy: an adapter serves a domain only where it beats the base."""
+    from lora.specialize import SpecializationPolicy
+
+    judge = SpecializationPolicy(registry, {adapter.name: adapter for adapter in adapters}).judge
+
+    def allows(name: str, domain: str) -> tuple[bool, str]:
+        verdict = judge(name, domain)
+        return verdict.beats_base, verdict.reason
+
+    return allows
 
 
 def _all_runs(record: CycleRecord) -> tuple[Run, ...]:

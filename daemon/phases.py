@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -34,6 +34,9 @@ from evaluators.consistency import consistency_tasks
 from knowledge.extract import Extractor, extract_all
 from knowledge.graph import KnowledgeGraph, Provenance
 from runtime.backend import ActiveAdapter, Backend
+
+if TYPE_CHECKING:
+    from lora.router import Router
 
 log = structlog.get_logger(__name__)
 
@@ -70,10 +73,13 @@ def plan_phase(
     cycle_id: int,
     max_per_cycle: int,
     serving: dict[str, str] | None = None,
+    router: Router | None = None,
 ) -> PlanRecord:
     """Pick the tasks to run: the requested ones, or those due, capped by weight.
 
     `serving` maps a domain to the adapter that answers its tasks (default: the base).
+    With a `router`, each task's adapters and their scales come from routing its
+    prompt instead, and the routing decision is kept with the planned task.
     """
     if request.task_ids or request.domain:
         selected = requested_tasks(book, request)
@@ -91,12 +97,26 @@ def plan_phase(
     if max_per_cycle and len(selected) > max_per_cycle:
         selected = weighted_sample(selected, max_per_cycle, random.Random(cycle_id))
         reason += f", {max_per_cycle} picked by weight"
-    serving = serving or {}
-    planned = tuple(
-        PlannedTask(task.id, task.domain, (serving[task.domain],) if task.domain in serving else ())
-        for task in selected
-    )
+    if router is not None:
+        planned = routed_tasks(selected, router)
+        reason += ", adapters by routing"
+    else:
+        serving = serving or {}
+        planned = tuple(
+            PlannedTask(
+                task.id, task.domain, (serving[task.domain],) if task.domain in serving else ()
+            )
+            for task in selected
+        )
     return PlanRecord(tasks=planned, skipped_not_due=not_due, reason=reason)
+
+
+def routed_tasks(tasks: Sequence[Task], router: Router) -> tuple[PlannedTask, ...]:
+    decisions = router.route_many([t.prompt for t in tasks], [t.domain for t in tasks])
+    return tuple(
+        PlannedTask(task.id, task.domain, decision.names, decision.scales, decision.to_json())
+        for task, decision in zip(tasks, decisions, strict=True)
+    )
 
 
 def requested_tasks(book: TaskBook, request: CycleRequest) -> list[Task]:
@@ -144,7 +164,7 @@ def execute_phase(
     started = time.perf_counter()
     runs: list[Run] = []
     paths = adapter_paths or {}
-    by_task = {planned.task_id: planned.adapters for planned in plan.tasks}
+    by_task = {planned.task_id: planned for planned in plan.tasks}
     backend.set_adapters([])
     for planned in plan.tasks:
         if stop.is_set():
@@ -152,9 +172,9 @@ def execute_phase(
             log.warning("cycle.stop_requested", cycle=cycle_id, remaining=remaining)
             return ExecuteRecord(tuple(runs), time.perf_counter() - started, stopped_early=True)
         task = book.by_id(planned.task_id)
-        backend.set_adapters([ActiveAdapter(paths[name], 1.0) for name in planned.adapters])
+        backend.set_adapters(active_adapters(planned, paths))
         run = run_task(backend, task, task_seed(base_seed, cycle_id, task))
-        runs.append(replace(run, adapters=planned.adapters))
+        runs.append(replace(run, adapters=planned.adapters, routing=planned.routing))
 
     samples = []
     sampling = sampling or SamplingPlan()
@@ -168,10 +188,10 @@ def execute_phase(
                 temperature=max(task.sampling.temperature, sampling.temperature),
                 seed=task_seed(base_seed, cycle_id, task) + index,
             )
-            adapters = by_task.get(task_id, ())
-            backend.set_adapters([ActiveAdapter(paths[name], 1.0) for name in adapters])
+            planned = by_task.get(task_id, PlannedTask(task_id, task.domain))
+            backend.set_adapters(active_adapters(planned, paths))
             sample = run_task(backend, replace(task, sampling=params), None, index)
-            samples.append(replace(sample, adapters=adapters))
+            samples.append(replace(sample, adapters=planned.adapters, routing=planned.routing))
     backend.set_adapters([])
     return ExecuteRecord(
         tuple(runs),
@@ -179,6 +199,15 @@ def execute_phase(
         stopped_early=stop.is_set(),
         samples=tuple(samples),
     )
+
+
+def active_adapters(planned: PlannedTask, paths: dict[str, Path]) -> list[ActiveAdapter]:
+    """Return the planned adapters with their scales (1.0 each unless routed)."""
+    scales = planned.scales or (1.0,) * len(planned.adapters)
+    return [
+        ActiveAdapter(paths[name], scale)
+        for name, scale in zip(planned.adapters, scales, strict=True)
+    ]
 
 
 def sampling_plan(

@@ -31,6 +31,8 @@ class PlannedTask:
     task_id: str
     domain: str
     adapters: tuple[str, ...] = ()  # empty: the base model answers
+    scales: tuple[float, ...] = ()  # one per adapter; empty: 1.0 each
+    routing: dict[str, Any] | None = None  # lora.router.RoutingDecision.to_json(), if routed
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Run:
     sample_index: int = 0  # 0: the task's answer; 1..N: extra samples for consistency
     error: str | None = None
     run_id: int | None = None  # runs.id in state.sqlite, once stored
+    routing: dict[str, Any] | None = None  # the routing decision that chose `adapters`
 
     @property
     def ok(self) -> bool:
@@ -221,7 +224,14 @@ def cycle_from_json(data: dict[str, Any]) -> CycleRecord:
 
 def _plan_from_json(plan: dict[str, Any]) -> PlanRecord:
     tasks = tuple(
-        PlannedTask(t["task_id"], t["domain"], tuple(t["adapters"])) for t in plan["tasks"]
+        PlannedTask(
+            t["task_id"],
+            t["domain"],
+            tuple(t["adapters"]),
+            tuple(t.get("scales", ())),
+            t.get("routing"),
+        )
+        for t in plan["tasks"]
     )
     return PlanRecord(tasks, plan["skipped_not_due"], plan["reason"])
 

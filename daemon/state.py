@@ -17,7 +17,7 @@ from pathlib import Path
 from daemon.records import Outcome, Run, Score
 from knowledge.graph import SCHEMA as KNOWLEDGE_SCHEMA
 
-STATE_SCHEMA_VERSION = 3
+STATE_SCHEMA_VERSION = 4
 
 # Migration N brings the schema from version N-1 to N.
 MIGRATIONS: dict[int, str] = {
@@ -78,6 +78,9 @@ MIGRATIONS: dict[int, str] = {
         PRIMARY KEY (cycle_id, domain)
     )
     """,
+    # The routing decision of each run (JSON, lora.router.RoutingDecision); NULL when
+    # routing was off and the domain's serving adapter answered.
+    4: "ALTER TABLE runs ADD COLUMN routing TEXT",
 }
 
 
@@ -170,8 +173,9 @@ class StateStore:
                 cursor = db.execute(
                     """INSERT INTO runs (cycle_id, task_id, domain, language, sample_index,
                     prompt, text, prompt_tokens, completion_tokens, wall_seconds,
-                    tokens_per_second, finish_reason, rss_bytes, peak_rss_bytes, adapters, error)
-                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                    tokens_per_second, finish_reason, rss_bytes, peak_rss_bytes, adapters, error,
+                    routing)
+                    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                     _run_row(cycle_id, run),
                 )
                 ids.append(int(cursor.lastrowid or 0))
@@ -324,4 +328,5 @@ def _run_row(cycle_id: int, run: Run) -> tuple:
         run.peak_rss_bytes,
         json.dumps(list(run.adapters)),
         run.error,
+        json.dumps(run.routing) if run.routing is not None else None,
     )

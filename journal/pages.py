@@ -69,6 +69,7 @@ def cycle_page(record: CycleRecord) -> str:
         _header(record),
         _domain_table(record.runs),
         _run_table(record.runs),
+        _routing(record.runs),
         _scores(record.score),
         _decisions(record),
         _answers(record.runs),
@@ -152,11 +153,57 @@ def _run_table(runs: tuple[Run, ...]) -> str:
             preview = preview[: ANSWER_PREVIEW_CHARS - 1] + "…"
         lines.append(
             f"| {run.task_id} | {run.domain} | {run.language} | "
-            f"{', '.join(run.adapters) or 'base'} | {run.prompt_tokens} | "
+            f"{_adapter_cell(run)} | {run.prompt_tokens} | "
             f"{run.completion_tokens} | {run.wall_seconds:.2f} | {run.tokens_per_second:.1f} | "
             f"{_cell(preview) or '*(empty)*'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _adapter_cell(run: Run) -> str:
+    """Name the adapters of a run, with their weights when routing chose them."""
+    if run.routing is None:
+        return ", ".join(run.adapters) or "base"
+    routed = [f"{a['name']} ({a['weight']:.2f})" for a in run.routing["adapters"]]
+    return ", ".join(routed) or "base"
+
+
+def _routing(runs: tuple[Run, ...]) -> str:
+    """List each routed task's adapters with weight and similarity, or why the base answered."""
+    routed = [run for run in runs if run.routing is not None]
+    if not routed:
+        return ""
+    first = routed[0].routing or {}
+    lines = [
+        "## Routing",
+        "",
+        f"Adapters chosen by prompt similarity: at most {first.get('top_k')} per task with "
+        f"cosine similarity at least {first.get('floor')}, weighted by a softmax at "
+        f"temperature {first.get('temperature')}.",
+        "",
+        "| task | domain | adapters: weight (similarity) | note |",
+        "|---|---|---|---|",
+    ]
+    for run in routed:
+        decision = run.routing or {}
+        chosen = ", ".join(
+            f"{a['name']}: {a['weight']:.2f} ({a['similarity']:.2f})" for a in decision["adapters"]
+        )
+        lines.append(
+            f"| {run.task_id} | {run.domain} | {chosen or 'base'} | "
+            f"{_cell(_routing_note(decision))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _routing_note(decision: dict[str, Any]) -> str:
+    notes = [f"{s['adapter']} skipped: {s['reason']}" for s in decision.get("skipped", [])]
+    nearest = decision.get("nearest")
+    if not decision["adapters"] and nearest and nearest["similarity"] < decision["floor"]:
+        notes.append(f"nearest {nearest['name']} at {nearest['similarity']:.2f} is below the floor")
+    if not decision["adapters"] and nearest is None:
+        notes.append("no adapter to route to")
+    return "; ".join(notes)
 
 
 def _scores(score_record: ScoreRecord | None) -> str:

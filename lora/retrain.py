@@ -213,9 +213,30 @@ def _run(
             },
         },
     )
-    registry.set_status(
-        adapter, status, gate=result.gate, training=result.training, memory=result.memory
+    adapter = registry.set_status(
+        adapter,
+        status,
+        gate=result.gate,
+        training=result.training,
+        memory=result.memory,
+        incumbent=result.incumbent,
     )
+    if status is AdapterStatus.ACCEPTED:
+        write_routing_profile(adapter, inputs.training_set)
+
+
+def write_routing_profile(adapter: Adapter, training_set: TrainingSet) -> None:
+    """Store the accepted adapter's routing profile from its training texts. A failure
+    costs only the profile: the router builds it from the task book on first use."""
+    from knowledge.embed import EmbedderError, shared_embedder
+    from lora.router import SOURCE_TRAINING_SET, build_profile, training_groups
+
+    try:
+        build_profile(
+            adapter, training_groups(training_set.train), shared_embedder(), SOURCE_TRAINING_SET
+        )
+    except (LoraError, EmbedderError, OSError) as error:
+        log.error("retrain.profile_failed", adapter=adapter.name, error=str(error))
 
 
 def _spec(inputs: RoundInputs, settings: RoundSettings, adapter: Adapter) -> TrainingSpec:

@@ -96,3 +96,39 @@ def test_invalid_toml_named(tmp_path: Path):
 def test_missing_explicit_file(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_routing_off_by_default():
+    config = load_config(environ={})
+    assert config.routing.enabled is False
+    assert config.routing.combination == "linear"
+
+
+def test_routing_section_read(tmp_path: Path):
+    file = tmp_path / "config.toml"
+    file.write_text(
+        '[model]\nbackend = "transformers"\n'
+        '[routing]\nenabled = true\ntop_k = 3\nfloor = 0.5\ncombination = "ties_svd"\n'
+    )
+    config = load_config(file, environ={})
+    assert config.routing.enabled is True
+    assert config.routing.top_k == 3
+    assert config.routing.floor == 0.5
+    assert config.routing.combination == "ties_svd"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("A3X_ROUTING__TOP_K", "0", r"\[routing\] top_k must be at least 1"),
+        ("A3X_ROUTING__TEMPERATURE", "0", r"\[routing\] temperature must be above 0"),
+        ("A3X_ROUTING__FLOOR", "1.5", r"\[routing\] floor must be a cosine similarity"),
+        ("A3X_ROUTING__DENSITY", "0", r"\[routing\] density must be above 0 and at most 1"),
+        ("A3X_ROUTING__COMBINATION", "cat", r"combination 'cat' is unknown; use one of: linear"),
+        ("A3X_ROUTING__COMBINATION", "ties", r"'ties' needs model.backend = \"transformers\""),
+    ],
+    ids=["top_k", "temperature", "floor", "density", "unknown", "llama_cpp"],
+)
+def test_routing_values_checked(variable, value, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={variable: value})

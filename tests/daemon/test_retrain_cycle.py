@@ -3,6 +3,7 @@ refused rounds, each a journal commit, and an accepted adapter serving the next 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -60,6 +61,10 @@ def test_accepted_adapter_serves_next_cycle(retrain_config: Config):
     assert result["adapter"] == "geography/v1"
     served = agent.registry.serving("geography")
     assert served is not None and served.gguf_path.exists()
+    assert served.record["incumbent"] == ""
+    profile = json.loads((served.folder / "profile.json").read_text())
+    assert profile["source"] == "training set"
+    assert (served.folder / "profile.npy").exists()
 
     geography = [run for run in after.runs if run.domain == "geography"]
     assert geography and all(run.adapters == ("geography/v1",) for run in geography)

@@ -1,0 +1,109 @@
+"""Routing inside real cycles on the tiny model: each task's adapters come from the
+router and the specialization policy, and the decision reaches state, the cycle record
+and the cycle page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Config
+from daemon.cycle import Agent
+from lora.registry import AdapterRegistry, AdapterStatus
+from tests.conftest import with_changes
+from tests.lora.registry_fixtures import add_version, gate_record
+
+
+@pytest.fixture
+def routed_config(tiny_config: Config, tiny_gguf: Path) -> Config:
+    """Geography and arithmetic adapters that beat the base on their own domain only."""
+    registry = AdapterRegistry(tiny_config.home / "adapters")
+    for seed, domain in enumerate(("geography", "arithmetic")):
+        other = "arithmetic" if domain == "geography" else "geography"
+        gate = gate_record(domain, -0.2, {other: 0.01})
+        add_version(registry, domain, AdapterStatus.ACCEPTED, tiny_gguf, seed, gate)
+    return with_changes(
+        tiny_config,
+        score={"enabled": ("execution",)},
+        routing={"enabled": True, "floor": 0.1, "top_k": 2},
+    )
+
+
+def test_routed_cycle_records_decisions(routed_config: Config):
+    agent = Agent(routed_config)
+    record = agent.run_cycle()
+    rows = agent.state.runs_of_cycle(record.cycle)
+    agent.close()
+
+    assert record.runs
+    for run in record.runs:
+        assert run.routing is not None
+        assert run.adapters == (f"{run.domain}/v1",), run.routing
+        assert run.routing["adapters"][0]["weight"] == pytest.approx(1.0)
+        for skipped in run.routing["skipped"]:
+            assert not skipped["adapter"].startswith(run.domain)
+            assert "not better beyond tolerance" in skipped["reason"]
+    stored = {row["task_id"]: json.loads(row["routing"]) for row in rows}
+    assert stored == {run.task_id: run.routing for run in record.runs}
+    assert record.plan is not None
+    assert "adapters by routing" in record.plan.reason
+    assert all(task.scales == (1.0,) for task in record.plan.tasks)
+
+
+def test_routed_cycle_page_and_record(routed_config: Config):
+    agent = Agent(routed_config)
+    record = agent.run_cycle()
+    page = agent.logbook.cycle_page_path(record.cycle).read_text()
+    stored = agent.logbook.read_cycle(record.cycle)
+    agent.close()
+
+    assert "## Routing" in page
+    assert "| geo-france | geography | en | geography/v1 (1.00) |" in page
+    assert "| geo-france | geography | geography/v1: 1.00 (" in page
+    assert [run.routing for run in stored.runs] == [run.routing for run in record.runs]
+    assert stored.plan is not None
+    assert stored.plan.tasks == record.plan.tasks
+
+
+def test_profiles_built_on_first_use(routed_config: Config):
+    agent = Agent(routed_config)
+    agent.run_cycle()
+    agent.close()
+    info = json.loads((routed_config.home / "adapters/geography/v1/profile.json").read_text())
+    assert info["source"] == "task book"
+
+
+def test_high_floor_leaves_base(routed_config: Config):
+    config = with_changes(routed_config, routing={"enabled": True, "floor": 0.99})
+    agent = Agent(config)
+    record = agent.run_cycle()
+    agent.close()
+
+    # A task whose prompt is the whole profile of its adapter reaches similarity 1.
+    below = [run for run in record.runs if run.routing["nearest"]["similarity"] < 0.99]
+    assert len(below) >= 3
+    assert all(run.adapters == () for run in below)
+
+
+def test_routing_off_keeps_domain_adapter(routed_config: Config):
+    config = with_changes(routed_config, routing={"enabled": False})
+    agent = Agent(config)
+    record = agent.run_cycle()
+    rows = agent.state.runs_of_cycle(record.cycle)
+    agent.close()
+
+    assert all(run.adapters == (f"{run.domain}/v1",) for run in record.runs)
+    assert all(run.routing is None for run in record.runs)
+    assert all(row["routing"] is None for row in rows)
+
+
+def test_other_base_adapter_not_served(routed_config: Config, tmp_path: Path):
+    from bench.tiny_model import TinyConfig, write_tiny_gguf
+
+    other = write_tiny_gguf(tmp_path / "other.gguf", TinyConfig(seed=9))
+    config = with_changes(routed_config, model={"path": other})
+    agent = Agent(config)
+    assert agent.serving_adapters() == {}
+    agent.close()
