@@ -97,6 +97,8 @@ def _open_transformers(model: ModelInfo, config: Config, home: Home) -> Backend:
         sha256=model.sha256 or None,
         threads=thread_count(config.model),
         seed=config.model.seed,
+        combination=config.routing.combination,
+        density=config.routing.density,
     )
 
 

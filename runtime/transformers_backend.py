@@ -28,6 +28,23 @@ log = structlog.get_logger(__name__)
 CACHE_FORMAT_VERSION = 1
 SCORE_CHUNK_TOKENS = 64  # positions per lm_head call when scoring a text
 
+# How several active adapters combine. "linear" keeps each adapter active with its
+# scale, so the model adds the weighted sum of their deltas exactly, as llama.cpp
+# does. The others are PEFT's `add_weighted_adapter` methods, which build one mixed
+# adapter. "ties" and "dare_*" prune and merge the lora_A and lora_B factors
+# separately. The "_svd" variants prune and merge the full deltas (B @ A times the
+# scaling) and factor the result back by SVD, at the sum of the adapters' ranks so
+# that nothing is cut.
+COMBINATIONS = (
+    "linear",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "ties_svd",
+    "dare_linear_svd",
+    "dare_ties_svd",
+)
+
 
 class AdapterLoadError(Exception):
     """A PEFT adapter folder cannot be loaded on this model."""
@@ -101,9 +118,14 @@ class TransformersBackend:
         threads: int = 2,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        combination: str = "linear",
+        density: float = 0.5,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        _check_combination(combination, density)
+        self.combination = combination  # default for set_adapters
+        self.density = density  # share of values that ties and dare keep
         self.model_path = Path(model_path)
         torch.set_num_threads(threads)
         self.seed = seed
@@ -118,7 +140,9 @@ class TransformersBackend:
         self.model: Any = self.base_model  # a PeftModel once an adapter is loaded
         self._base_scaling: dict[str, dict[str, float]] = {}  # module -> adapter -> scaling
         self._loaded: dict[Path, str] = {}  # adapter folder -> adapter_name
-        self._active: tuple[ActiveAdapter, ...] = ()
+        self._active: tuple[Any, ...] = ()  # (adapters, combination, density) now applied
+        self._mixed: tuple[Any, ...] | None = None  # (key, adapter_name) of the mixed adapter
+        self._mixes = 0  # mixed adapters made so far, for unique names
 
     @torch.inference_mode()
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
@@ -173,9 +197,22 @@ class TransformersBackend:
             total += float(log_probs[torch.arange(len(targets)), targets].sum())
         return LogLikelihood(total=total, tokens=int(ids.shape[1] - 1))
 
-    def set_adapters(self, adapters: Sequence[ActiveAdapter]) -> None:
+    def set_adapters(
+        self,
+        adapters: Sequence[ActiveAdapter],
+        combination: str | None = None,
+        density: float | None = None,
+    ) -> None:
+        """Apply `adapters`, each with its scale (negative subtracts it), combined by
+        `combination` (default: the backend's); one adapter is always linear."""
+        combination = combination or self.combination
+        density = self.density if density is None else density
+        _check_combination(combination, density)
         adapters = tuple(adapters)
-        if adapters == self._active:
+        if len(adapters) <= 1:
+            combination = "linear"
+        key = (adapters, combination, density)
+        if key == self._active:
             return
         if not adapters:
             if self.model is not self.base_model:
@@ -184,9 +221,53 @@ class TransformersBackend:
             return
         names = [self._load_adapter(adapter) for adapter in adapters]
         self.model.base_model.enable_adapter_layers()
-        self.model.base_model.set_adapter(names if len(names) > 1 else names[0])
-        self._apply_scales({name: a.scale for name, a in zip(names, adapters, strict=True)})
-        self._active = adapters
+        if combination == "linear":
+            unique = list(dict.fromkeys(names))
+            self.model.base_model.set_adapter(unique if len(unique) > 1 else unique[0])
+            self._apply_scales(_summed_scales(names, adapters))
+        else:
+            scales = [adapter.scale for adapter in adapters]
+            self.model.base_model.set_adapter(self._mix(names, scales, combination, density))
+        self._active = key
+
+    def _mix(self, names: list[str], weights: list[float], combination: str, density: float) -> str:
+        """Build (or reuse) the mixed adapter of `names` with PEFT and return its name.
+        Only the newest mixed adapter is kept, since each is a full set of factors."""
+        key = (tuple(names), tuple(weights), combination, density)
+        if self._mixed is not None and self._mixed[0] == key:
+            return str(self._mixed[1])
+        # add_weighted_adapter multiplies each source by its scaling, which must be
+        # the adapter's own (alpha / r), not a scale left from a linear set.
+        self._apply_scales({name: 1.0 for name in names})
+        mixed = f"mixed_{self._mixes}"
+        self._mixes += 1
+        options: dict[str, Any] = {"combination_type": combination, "density": density}
+        if combination.endswith("_svd"):
+            options["svd_rank"] = sum(self.model.peft_config[name].r for name in names)
+        torch.manual_seed(self.seed)  # dare prunes at random
+        try:
+            self.model.add_weighted_adapter(names, weights, mixed, **options)
+        except ValueError as error:
+            raise AdapterLoadError(
+                f"PEFT could not combine adapters {', '.join(names)} by {combination}: {error}; "
+                "the ties and dare methods need adapters of one rank, the _svd ones do not"
+            ) from error
+        self._set_mixed_scaling(mixed)
+        self.model.eval()
+        if self._mixed is not None:
+            self.model.base_model.set_adapter(mixed)  # so that the new one stays active
+            self.model.delete_adapter(self._mixed[1])
+        self._mixed = (key, mixed)
+        return mixed
+
+    def _set_mixed_scaling(self, mixed: str) -> None:
+        """Apply a mixed adapter at scaling 1, because its factors already carry the
+        weights and each source's scaling. PEFT 0.21 gives the mixed adapter
+        lora_alpha = r, which is scaling 1 except for rsLoRA configs (alpha / sqrt(r))."""
+        for module in self.model.modules():
+            scaling = getattr(module, "scaling", None)
+            if isinstance(scaling, dict) and mixed in scaling:
+                scaling[mixed] = 1.0
 
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
@@ -238,6 +319,24 @@ class TransformersBackend:
             for name, scale in scales.items():
                 if name in base:
                     module.scaling[name] = base[name] * scale
+
+
+def _summed_scales(names: list[str], adapters: Sequence[ActiveAdapter]) -> dict[str, float]:
+    """Return the scale of each adapter name; an adapter listed twice gets the sum of
+    its scales, as llama.cpp applies it."""
+    scales: dict[str, float] = {}
+    for name, adapter in zip(names, adapters, strict=True):
+        scales[name] = scales.get(name, 0.0) + adapter.scale
+    return scales
+
+
+def _check_combination(combination: str, density: float) -> None:
+    if combination not in COMBINATIONS:
+        raise ValueError(
+            f"adapter combination {combination!r} is unknown; use one of {', '.join(COMBINATIONS)}"
+        )
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density {density} is outside (0, 1]; it is the share of values kept")
 
 
 class _StopOnText:
