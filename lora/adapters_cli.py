@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     helps = {
         "activate": "make this version serve its domain, whatever the gate decided",
         "deactivate": "stop this version serving; where the gate chose it, the base answers",
-        "pin": "keep this version resident and never remove it",
+        "pin": "mark this version pinned, so that remove rejects it",
         "unpin": "undo pin",
         "remove": "delete this version's folder (not a pinned or serving one without --force)",
     }

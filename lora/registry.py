@@ -197,7 +197,9 @@ class AdapterRegistry:
         return self._change(adapter, "unpin", by, _unpin)
 
     def pinned(self) -> list[Adapter]:
-        """Return the pinned versions: kept resident and never removed."""
+        """Return the pinned versions, which `remove` rejects without `force`."""
+        # NOTE: nothing passes these to the llama.cpp backend's adapter cache yet, so a
+        # pin does not by itself keep an adapter loaded.
         return [adapter for adapter in self.all() if adapter.pinned]
 
     def remove(self, adapter: Adapter, force: bool = False) -> None:
