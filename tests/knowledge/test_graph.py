@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from daemon.state import StateStore
+from daemon.state import STATE_SCHEMA_VERSION, StateStore
 from knowledge.extract import PatternExtractor
 from knowledge.graph import KnowledgeGraph, Provenance, relation_view, to_networkx
 
@@ -43,4 +43,5 @@ def test_networkx_views():
 
 def test_state_schema_version():
     store = StateStore(Path(":memory:"))
-    assert store.connection.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert store.connection.execute("PRAGMA user_version").fetchone()[0] == STATE_SCHEMA_VERSION
+    assert store.connection.execute("SELECT count(*) FROM facts").fetchone()[0] == 0
