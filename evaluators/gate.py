@@ -9,7 +9,10 @@ Everything here is label-free:
 - held-out perplexity of every other domain with the candidate against the
   base: none may rise by more than `tolerance` (relative);
 - contradictions among the answers to the domain's tasks: the candidate's
-  answers may not contradict each other more often than the incumbent's.
+  answers may not contradict each other more often than the incumbent's
+  beyond noise. Counts are treated as Poisson: the allowed increase is `z`
+  times the square root of the incumbent's count (at least 1), so one new
+  contradiction among a handful of answers does not outweigh a clear gain.
 
 A candidate is accepted only when all three hold.
 """
@@ -31,7 +34,6 @@ class GateConfig:
     min_gain: float = 0.02  # relative perplexity decrease the domain must reach
     z: float = 2.0  # and beyond this many standard errors of the paired differences
     tolerance: float = 0.05  # relative perplexity increase allowed on other domains
-    max_new_contradictions: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,18 +140,15 @@ def contradiction_evidence(
     """Compare contradictions within each answer set; answers are (task id, text)."""
     before, after = count_contradictions(incumbent), count_contradictions(candidate)
     change = after - before
-    verdict = "worse" if change > config.max_new_contradictions else "within noise"
-    if change < 0:
+    allowed = config.z * math.sqrt(max(before, 1))
+    if change > allowed:
+        verdict = "worse"
+    elif change < -allowed:
         verdict = "better"
+    else:
+        verdict = "within noise"
     return Evidence(
-        domain,
-        "contradictions in answers",
-        before,
-        after,
-        change,
-        config.max_new_contradictions,
-        verdict,
-        "domain",
+        domain, "contradictions in answers", before, after, change, allowed, verdict, "domain"
     )
 
 

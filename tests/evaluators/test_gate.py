@@ -67,12 +67,24 @@ def test_contradictions_counted_within_answers():
     assert count_contradictions(answers[:1]) == 0
 
 
-def test_more_contradictions_is_worse():
+def test_contradictions_compared_beyond_noise():
     clean = [("a", "Paris is the capital of France.")]
-    muddled = [*clean, ("b", "Lyon is the capital of France.")]
+    one = [*clean, ("b", "Lyon is the capital of France.")]
+    many = [
+        *one,
+        ("c", "Rome is the capital of Italy."),
+        ("d", "Milan is the capital of Italy."),
+        ("e", "Madrid is the capital of Spain."),
+        ("f", "Seville is the capital of Spain."),
+        ("g", "Porto is the capital of Portugal."),
+        ("h", "Lisbon is the capital of Portugal."),
+        ("i", "Munich is the capital of Germany."),
+        ("j", "Berlin is the capital of Germany."),
+    ]
 
-    assert contradiction_evidence("geo", clean, muddled, CONFIG).verdict == "worse"
-    assert contradiction_evidence("geo", muddled, clean, CONFIG).verdict == "better"
+    assert contradiction_evidence("geo", clean, one, CONFIG).verdict == "within noise"
+    assert contradiction_evidence("geo", clean, many, CONFIG).verdict == "worse"
+    assert contradiction_evidence("geo", many, clean, CONFIG).verdict == "better"
 
 
 def test_verdict_accepts_only_clean_gain():
