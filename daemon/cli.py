@@ -267,6 +267,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retrain_proof.add_arguments(proof)
     proof.set_defaults(handler=retrain_proof.command)
+
+    from bench import train_step
+
+    training_step = bench_commands.add_parser(
+        "train-step",
+        help="time per optimizer step and peak RSS of the A3X trainer against "
+        "transformers Trainer + PEFT",
+    )
+    train_step.add_arguments(training_step)
+    training_step.set_defaults(handler=train_step.command)
     return parser
 
 
