@@ -1,8 +1,8 @@
 """`a3x lora ...`: the GGUF+LoRA toolkit's command line.
 
 Each command lives in its own module, which provides `add_arguments(parser)`
-and `command(args) -> int` (the exit code). Modules import heavy libraries
-inside their functions, so building the parser stays fast.
+and `command(args) -> int` (the exit code). A module is imported only when
+its action runs.
 """
 
 from __future__ import annotations
@@ -27,9 +27,23 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 
 
 def add_commands(parser: argparse.ArgumentParser) -> None:
-    actions = parser.add_subparsers(dest="lora_command", metavar="ACTION", required=True)
-    for name, module_name, help_text in COMMANDS:
-        module = importlib.import_module(module_name)
-        sub = actions.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(sub)
-        sub.set_defaults(handler=module.command)
+    """Register `a3x lora ACTION ...`. The action's module, which imports numpy, torch
+    or gguf, is loaded only when that action runs, so other commands start fast."""
+    listing = "\n".join(f"  {name:<12} {text}" for name, _, text in COMMANDS)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = f"actions:\n{listing}\n\nRun `a3x lora ACTION --help` for its options."
+    parser.add_argument("action", choices=[name for name, _, _ in COMMANDS], metavar="ACTION")
+    parser.add_argument("arguments", nargs=argparse.REMAINDER, help="the action's arguments")
+    parser.set_defaults(handler=run_action)
+
+
+def run_action(args: argparse.Namespace) -> int:
+    name, module_name, help_text = next(c for c in COMMANDS if c[0] == args.action)
+    module = importlib.import_module(module_name)
+    action = argparse.ArgumentParser(prog=f"a3x lora {name}", description=help_text)
+    module.add_arguments(action)
+    parsed = action.parse_args(args.arguments)
+    for key, value in vars(args).items():  # --home, --config and --log-level
+        if key not in ("action", "arguments", "handler") and not hasattr(parsed, key):
+            setattr(parsed, key, value)
+    return int(module.command(parsed))

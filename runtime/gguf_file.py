@@ -19,9 +19,10 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -274,6 +275,7 @@ def read_tensor(info: GGUFInfo, tensor: TensorInfo) -> np.ndarray:
     Quantized types are dequantized with `gguf.quants.dequantize`.
     """
     import gguf
+    import numpy as np
 
     raw = read_tensor_bytes(info, tensor)
     kind = gguf.GGMLQuantizationType(tensor.type_id)
@@ -288,6 +290,8 @@ def read_tensor(info: GGUFInfo, tensor: TensorInfo) -> np.ndarray:
 
 def read_tensor_bytes(info: GGUFInfo, tensor: TensorInfo) -> np.ndarray:
     """Read one tensor's stored bytes (a uint8 copy, not a view of the file)."""
+    import numpy as np  # deferred: the command line imports this module
+
     with info.path.open("rb") as handle:
         handle.seek(tensor.offset)
         data = handle.read(tensor.n_bytes)

@@ -82,7 +82,7 @@ def test_scan_matches_gguf_reader(tiny_gguf: Path):
     assert [t.offset for t in info.tensors] == [int(t.data_offset) for t in reference.tensors]
     assert [t.n_bytes for t in info.tensors] == [int(t.n_bytes) for t in reference.tensors]
     assert info.metadata["llama.embedding_length"] == 64
-    assert info.metadata["tokenizer.ggml.tokens"]["length"] == len(
+    assert len(info.metadata["tokenizer.ggml.tokens"]) == len(
         reference.fields["tokenizer.ggml.tokens"].data
     )
 
