@@ -34,6 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--epochs", type=float, default=1.0, help="training epochs per round (default: 1)"
     )
     parser.add_argument(
+        "--max-sequence",
+        type=int,
+        default=256,
+        help="tokens per training example (default: 256, as retrain.max_sequence)",
+    )
+    parser.add_argument(
         "--poisons",
         default="contradict",
         help="poisoned rounds to run, comma-separated: contradict, shuffle (default: contradict)",
@@ -46,7 +52,7 @@ def command(args: argparse.Namespace) -> int:
     unknown = set(poisons) - {"contradict", "shuffle"}
     if unknown:
         raise SystemExit(f"a3x: error: unknown poison {', '.join(sorted(unknown))}")
-    result = run_proof(args.home, args.threads, args.epochs, poisons)
+    result = run_proof(args.home, args.threads, args.epochs, poisons, args.max_sequence)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -57,7 +63,9 @@ def command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_proof(home: Path, threads: int, epochs: float, poisons: list[str]) -> dict[str, Any]:
+def run_proof(
+    home: Path, threads: int, epochs: float, poisons: list[str], max_sequence: int = 256
+) -> dict[str, Any]:
     from daemon.config import Config, ModelConfig, RetrainConfig, TasksConfig
     from daemon.cycle import Agent, CycleRequest
     from daemon.taskbook import default_book_path
@@ -70,7 +78,7 @@ def run_proof(home: Path, threads: int, epochs: float, poisons: list[str]) -> di
         home=home,
         model=ModelConfig(threads=threads),
         tasks=TasksConfig(books=(book, book.with_name("almanac.toml"))),
-        retrain=RetrainConfig(epochs=epochs),
+        retrain=RetrainConfig(epochs=epochs, max_sequence=max_sequence),
     )
     agent = Agent(config)
     steps = []
