@@ -1,0 +1,716 @@
+"""`a3x bench adapters`: the cost of switching, loading and combining LoRA adapters.
+
+One run on one backend measures, side by side:
+
+- latency (p50, p99) of `set_adapters` for (a) one resident adapter, (b) one
+  adapter loaded from disk first, (c) three resident adapters at once, with
+  1, 10 and 100 adapters registered in a temporary adapter registry and
+  prefetched as far as the adapter budget allows;
+- latency of loading an adapter of about 8 MB from disk, with the file in
+  the page cache and after dropping it from the page cache;
+- the extra time of the first decode after a switch, which llama.cpp spends
+  re-reserving its compute graph;
+- generation throughput with 0, 1 and 3 adapters active, interleaved prompt
+  by prompt, as ratios to 0 adapters.
+
+The adapters are synthetic: random factors on the attention projections
+(q, k, v, o) of every block, with small `lora_b` so that the model's text
+stays close to the base's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bench.generate import SideResult, benchmark_prompts, machine_description
+from runtime.backend import ActiveAdapter, SamplingParams
+from runtime.gguf_file import GGUFInfo
+
+if TYPE_CHECKING:
+    from lora.metadata import AdapterMetadata
+    from runtime.llama_cpp_backend import LlamaCppBackend
+
+ATTENTION_MODULES = ("attn_q", "attn_k", "attn_v", "attn_output")
+# Rank 22 on q, k, v, o of Gemma 3 270M is 8.1 MB in float32, the size the
+# load target is stated for; rank 8 is 2.9 MB.
+DEFAULT_RANK, DEFAULT_LARGE_RANK = 8, 22
+DEFAULT_COUNTS = (1, 10, 100)
+TARGET_SWITCH_P99_MS = 1.0
+TARGET_LOAD_P99_MS = 10.0
+TARGET_ONE_ADAPTER_RATIO = 0.9
+SWITCH_PROMPT = "The capital of France is"
+
+
+# Synthetic adapters
+
+
+def write_synthetic_adapter(
+    path: Path,
+    base: GGUFInfo,
+    rank: int,
+    seed: int,
+    modules: Sequence[str] = ATTENTION_MODULES,
+    blocks: Sequence[int] | None = None,
+    b_std: float = 0.01,
+    metadata: AdapterMetadata | None = None,
+) -> Path:
+    """Write a float32 GGUF LoRA adapter with random factors for `base`.
+
+    Each tensor's factors depend only on (seed, block, module), so an adapter
+    written for fewer blocks or modules holds the same factors as the full
+    one for those it has. `lora_a` has rows of norm about 1 and `lora_b`
+    entries of standard deviation `b_std`; alpha equals the rank, so
+    llama.cpp applies `lora_b @ lora_a` unscaled.
+    """
+    import gguf
+
+    from lora.metadata import add_to_gguf_writer
+
+    shapes = {tensor.name: tensor.shape for tensor in base.tensors}
+    writer = gguf.GGUFWriter(str(path), base.architecture)
+    writer.add_string("general.type", "adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", float(rank))
+    if metadata is not None:
+        add_to_gguf_writer(writer, metadata)
+    for block in range(base.block_count or 0) if blocks is None else blocks:
+        for module in modules:
+            target = f"blk.{block}.{module}.weight"
+            if target not in shapes:
+                raise ValueError(f"base {base.path} has no tensor '{target}' to adapt")
+            columns, rows = shapes[target][0], shapes[target][1]  # GGUF order: in, out
+            rng = np.random.default_rng([seed, block, zlib.crc32(module.encode())])
+            a = rng.standard_normal((rank, columns)) / np.sqrt(columns)
+            b = rng.standard_normal((rows, rank)) * b_std
+            writer.add_tensor(f"{target}.lora_a", a.astype(np.float32))
+            writer.add_tensor(f"{target}.lora_b", b.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def register_adapters(root: Path, base: GGUFInfo, count: int, rank: int) -> list[Path]:
+    """Create `count` accepted adapters in an adapter registry; return their GGUF paths."""
+    from lora.registry import AdapterRegistry, AdapterStatus
+
+    registry = AdapterRegistry(root)
+    paths = []
+    for index in range(count):
+        adapter = registry.create(f"synthetic{index:03d}", {"reason": "adapter benchmark"})
+        write_synthetic_adapter(adapter.gguf_path, base, rank, seed=index)
+        registry.set_status(adapter, AdapterStatus.ACCEPTED)
+        paths.append(adapter.gguf_path)
+    return paths
+
+
+# Records
+
+
+@dataclass
+class Latency:
+    """Samples of one operation, in milliseconds."""
+
+    samples_ms: list[float] = field(default_factory=list)
+
+    @property
+    def p50(self) -> float:
+        return float(np.percentile(self.samples_ms, 50)) if self.samples_ms else float("nan")
+
+    @property
+    def p99(self) -> float:
+        return float(np.percentile(self.samples_ms, 99)) if self.samples_ms else float("nan")
+
+    def to_json(self) -> dict[str, float | int]:
+        return {"count": len(self.samples_ms), "p50_ms": self.p50, "p99_ms": self.p99}
+
+
+@dataclass
+class PopulationResult:
+    """Latencies with `registered` adapters in the registry, `resident` of them loaded."""
+
+    registered: int
+    resident: int
+    activate: Latency
+    load: Latency
+    combine: Latency | None  # None with fewer than 3 resident adapters
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "registered": self.registered,
+            "resident": self.resident,
+            "activate": self.activate.to_json(),
+            "load": self.load.to_json(),
+            "combine": self.combine.to_json() if self.combine else None,
+        }
+
+
+@dataclass
+class LoadBreakdown:
+    """The parts of loading one adapter from disk, each timed with the page cache dropped."""
+
+    validate: Latency  # Python: header scan and structure check against the base
+    read: Latency  # reading the whole file, as a floor for any loader
+    init: Latency  # llama_adapter_lora_init: header, allocation, tensor reads
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "validate": self.validate.to_json(),
+            "read": self.read.to_json(),
+            "init": self.init.to_json(),
+        }
+
+
+@dataclass
+class AdapterBenchmark:
+    model: str
+    machine: str
+    threads: int
+    budget_bytes: int
+    rank: int
+    adapter_bytes: int
+    large_rank: int
+    large_adapter_bytes: int
+    populations: list[PopulationResult]
+    load_large_warm: Latency
+    load_large_cold: Latency
+    load_large_parts: LoadBreakdown
+    decode_plain: Latency
+    decode_switch_extra: Latency  # extra time of the first decode after a switch
+    decode_step: dict[int, Latency]  # active adapter count -> one generation step
+    throughput: dict[int, SideResult]  # active adapter count -> tokens and seconds
+    route: Latency | None = None
+
+    def ratio(self, active: int) -> float:
+        """Return end-to-end tokens/s with `active` adapters over tokens/s with none."""
+        base = self.throughput[0].tokens_per_second
+        return self.throughput[active].tokens_per_second / base if base else 0.0
+
+    def step_ratio(self, active: int) -> float:
+        """Return the median step time with no adapter over that with `active` adapters."""
+        return self.decode_step[0].p50 / self.decode_step[active].p50
+
+    def verdicts(self) -> list[tuple[str, float, float, bool]]:
+        """Return (measurement, value, target, met) for every stated target."""
+        rows = []
+        switch, load = TARGET_SWITCH_P99_MS, TARGET_LOAD_P99_MS
+        for population in self.populations:
+            n = population.registered
+            rows.append((f"activate p99 ms, {n} registered", population.activate.p99, switch))
+            if population.combine is not None:
+                rows.append((f"combine 3 p99 ms, {n} registered", population.combine.p99, switch))
+        size = f"{self.large_adapter_bytes / 1e6:.1f} MB"
+        rows.append((f"load {size} + activate p99 ms, page cache", self.load_large_warm.p99, load))
+        rows.append((f"load {size} + activate p99 ms, disk", self.load_large_cold.p99, load))
+        verdicts = [(name, value, target, value <= target) for name, value, target in rows]
+        for name, ratio in (
+            ("tokens/s with 1 adapter / base, generation", self.ratio(1)),
+            ("tokens/s with 1 adapter / base, median step", self.step_ratio(1)),
+        ):
+            target = TARGET_ONE_ADAPTER_RATIO
+            verdicts.append((name, ratio, target, ratio >= target))
+        return verdicts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "machine": self.machine,
+            "threads": self.threads,
+            "budget_bytes": self.budget_bytes,
+            "rank": self.rank,
+            "adapter_bytes": self.adapter_bytes,
+            "large_rank": self.large_rank,
+            "large_adapter_bytes": self.large_adapter_bytes,
+            "populations": [population.to_json() for population in self.populations],
+            "load_large_warm": self.load_large_warm.to_json(),
+            "load_large_cold": self.load_large_cold.to_json(),
+            "load_large_parts": self.load_large_parts.to_json(),
+            "decode_plain": self.decode_plain.to_json(),
+            "decode_switch_extra": self.decode_switch_extra.to_json(),
+            "decode_step": {
+                str(count): {**latency.to_json(), "ratio": self.step_ratio(count)}
+                for count, latency in self.decode_step.items()
+            },
+            "throughput": {
+                str(count): {
+                    "tokens": side.tokens,
+                    "seconds": side.seconds,
+                    "tokens_per_second": side.tokens_per_second,
+                    "ratio": self.ratio(count),
+                }
+                for count, side in self.throughput.items()
+            },
+            "route": self.route.to_json() if self.route else None,
+            "verdicts": [
+                {"measurement": name, "value": value, "target": target, "met": met}
+                for name, value, target, met in self.verdicts()
+            ],
+        }
+
+
+# Measurements
+
+
+def _time_ms(action: Callable[..., object], *args: Any) -> float:
+    started = time.perf_counter_ns()
+    action(*args)
+    return (time.perf_counter_ns() - started) / 1e6
+
+
+def _use(paths: Sequence[Path]) -> list[ActiveAdapter]:
+    return [ActiveAdapter(path) for path in paths]
+
+
+def _unload_all(backend: LlamaCppBackend) -> None:
+    backend.set_adapters([])
+    for entry in backend.adapter_cache.entries():
+        backend.adapter_cache.evict(entry.path)
+
+
+def measure_activate(backend: LlamaCppBackend, resident: list[Path], samples: int) -> Latency:
+    """Time switches to one resident adapter, a different one each time."""
+    latency = Latency()
+    for index in range(samples):
+        if len(resident) == 1:
+            backend.set_adapters([])  # the only adapter: switch away from it, untimed
+        target = resident[index % len(resident)]
+        latency.samples_ms.append(_time_ms(backend.set_adapters, _use([target])))
+    return latency
+
+
+def measure_combine(backend: LlamaCppBackend, resident: list[Path], samples: int) -> Latency | None:
+    """Time switches to three resident adapters at once, a different triple each time."""
+    if len(resident) < 3:
+        return None
+    latency = Latency()
+    for index in range(samples):
+        if len(resident) == 3:
+            backend.set_adapters([])  # the only triple: switch away from it, untimed
+        triple = [resident[(index + offset) % len(resident)] for offset in range(3)]
+        latency.samples_ms.append(_time_ms(backend.set_adapters, _use(triple)))
+    return latency
+
+
+def measure_load(
+    backend: LlamaCppBackend, paths: list[Path], samples: int, cold: bool = False
+) -> Latency:
+    """Time activating an adapter that is not resident, so that it is read from its file.
+
+    A resident target is evicted first, untimed; when the budget is full, the
+    timed call evicts the least recently used adapter itself. With `cold`,
+    the file is also dropped from the page cache (posix_fadvise DONTNEED).
+    """
+    cache = backend.adapter_cache
+    latency = Latency()
+    for index in range(samples):
+        absent = [path for path in paths if not cache.is_resident(path)]
+        target = absent[index % len(absent)] if absent else paths[index % len(paths)]
+        if target in cache.active:
+            backend.set_adapters([])
+        cache.evict(target)
+        if cold:
+            _drop_page_cache(target)
+        latency.samples_ms.append(_time_ms(backend.set_adapters, _use([target])))
+    return latency
+
+
+def measure_load_parts(backend: LlamaCppBackend, path: Path, samples: int) -> LoadBreakdown:
+    """Time validation, a plain read of the file and llama.cpp's load, each from disk."""
+    parts = LoadBreakdown(Latency(), Latency(), Latency())
+    for _ in range(samples):
+        _drop_page_cache(path)
+        parts.validate.samples_ms.append(_time_ms(backend._inspect_adapter, path))
+        _drop_page_cache(path)
+        parts.read.samples_ms.append(_time_ms(path.read_bytes))
+        _drop_page_cache(path)
+        started = time.perf_counter_ns()
+        handle = backend._init_adapter(path)
+        parts.init.samples_ms.append((time.perf_counter_ns() - started) / 1e6)
+        backend._llama_cpp.llama_adapter_lora_free(handle)
+    return parts
+
+
+def measure_population(
+    backend: LlamaCppBackend, paths: list[Path], samples: int, load_samples: int
+) -> PopulationResult:
+    """Prefetch what fits of `paths`, then time activating, loading and combining."""
+    from lora.gguf_adapter import read_gguf_adapter
+
+    _unload_all(backend)
+    each = read_gguf_adapter(paths[0], load_tensors=False).resident_bytes
+    capacity = backend.adapter_cache.budget_bytes // each  # the adapters are equal in size
+    resident = backend.adapter_cache.prefetch(paths[:capacity])
+    activate = measure_activate(backend, resident, samples)
+    combine = measure_combine(backend, resident, samples)
+    load = measure_load(backend, paths, load_samples)
+    return PopulationResult(len(paths), len(resident), activate, load, combine)
+
+
+class _PromptDecoder:
+    """Decodes a short prompt from an empty KV cache, and one generation step after it."""
+
+    def __init__(self, backend: LlamaCppBackend):
+        from llama_cpp import _internals
+
+        self.backend = backend
+        self.tokens = backend.llm.tokenize(SWITCH_PROMPT.encode(), add_bos=True, special=False)
+        self.batch = _internals.LlamaBatch(
+            n_tokens=len(self.tokens), embd=0, n_seq_max=1, verbose=False
+        )
+
+    def prompt(self) -> None:
+        self.backend._reset_context()
+        self.batch.set_batch(self.tokens, n_past=0, logits_all=False)
+        self.backend.llm._ctx.decode(self.batch)
+
+    def step(self) -> None:
+        self.batch.set_batch(self.tokens[-1:], n_past=len(self.tokens), logits_all=False)
+        self.backend.llm._ctx.decode(self.batch)
+
+    def close(self) -> None:
+        self.batch.close()
+
+
+def measure_switch_decode(
+    backend: LlamaCppBackend, pair: tuple[Path, Path], samples: int
+) -> tuple[Latency, Latency]:
+    """Time a short prompt decode, and how much longer it takes right after a switch.
+
+    llama.cpp marks its compute graph for re-reservation when the adapter set
+    changes and does that work in the next decode, so a switch costs more
+    than `set_adapters` itself. Each sample is the difference of two decodes
+    next to each other in time, one without and one after a switch, so that
+    load from other processes mostly cancels.
+    """
+    decoder = _PromptDecoder(backend)
+    plain, extra = Latency(), Latency()
+    try:
+        backend.set_adapters(_use([pair[0]]))
+        decoder.prompt()
+        for index in range(samples):
+            before = _time_ms(decoder.prompt)
+            backend.set_adapters(_use([pair[(index + 1) % 2]]))
+            plain.samples_ms.append(before)
+            extra.samples_ms.append(_time_ms(decoder.prompt) - before)
+    finally:
+        decoder.close()
+    return plain, extra
+
+
+def measure_decode_step(
+    backend: LlamaCppBackend, sides: dict[int, list[Path]], samples: int
+) -> dict[int, Latency]:
+    """Time one generation step (a one-token decode with logits) per adapter set.
+
+    The sides take turns sample by sample, and the step is timed after the
+    prompt decode that pays for the switch, so the median is the steady cost
+    of generating a token with that many adapters.
+    """
+    decoder = _PromptDecoder(backend)
+    steps = {count: Latency() for count in sides}
+    order = list(sides)
+    try:
+        for index in range(samples):
+            for count in order[index % len(order) :] + order[: index % len(order)]:
+                backend.set_adapters(_use(sides[count]))
+                decoder.prompt()
+                steps[count].samples_ms.append(_time_ms(decoder.step))
+    finally:
+        decoder.close()
+    return steps
+
+
+def measure_throughput(
+    backend: LlamaCppBackend,
+    sides: dict[int, list[Path]],
+    prompts: list[str],
+    max_tokens: int,
+    rounds: int,
+) -> dict[int, SideResult]:
+    """Generate greedily with each adapter set in turn, prompt by prompt.
+
+    The order of the sides rotates with every prompt, so machine noise hits
+    them alike. Every generation follows a switch of adapters, so each side
+    pays the re-reservation of llama.cpp's graph once per prompt.
+    """
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, repeat_penalty=1.0, seed=0)
+    results = {count: SideResult() for count in sides}
+    order = list(sides)
+    turn = 0
+    for _ in range(rounds):
+        for prompt in prompts:
+            for count in order[turn % len(order) :] + order[: turn % len(order)]:
+                backend.set_adapters(_use(sides[count]))
+                started = time.perf_counter()
+                generation = backend.generate(prompt, params)
+                results[count].seconds += time.perf_counter() - started
+                results[count].tokens += generation.completion_tokens
+            turn += 1
+    return results
+
+
+def measure_route_and_activate(
+    backend: LlamaCppBackend,
+    route: Callable[[str], Sequence[ActiveAdapter]],
+    prompts: Sequence[str],
+    samples: int,
+) -> Latency:
+    """Time `route(prompt)` followed by `set_adapters` of its result.
+
+    This is the hook for a router: any callable from prompt text to the
+    adapters to apply can be timed here, with the same percentiles.
+    """
+    latency = Latency()
+    for index in range(samples):
+        prompt = prompts[index % len(prompts)]
+        latency.samples_ms.append(_time_ms(_route_and_activate, backend, route, prompt))
+    return latency
+
+
+def _route_and_activate(
+    backend: LlamaCppBackend, route: Callable[[str], Sequence[ActiveAdapter]], prompt: str
+) -> None:
+    backend.set_adapters(route(prompt))
+
+
+def _drop_page_cache(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+# The run
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    counts: tuple[int, ...] = DEFAULT_COUNTS
+    rank: int = DEFAULT_RANK
+    large_rank: int = DEFAULT_LARGE_RANK
+    samples: int = 200
+    load_samples: int = 50
+    decode_samples: int = 60
+    prompts: int = 8
+    max_tokens: int = 64
+    rounds: int = 2
+    n_ctx: int = 2048
+    budget_bytes: int = 256 * 2**20
+
+
+def run_benchmark(
+    model: Path,
+    threads: int,
+    settings: BenchSettings,
+    route: Callable[[str], Sequence[ActiveAdapter]] | None = None,
+) -> AdapterBenchmark:
+    """Run every measurement on one backend over adapters in a temporary folder."""
+    from runtime.llama_cpp_backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(
+        model, n_ctx=settings.n_ctx, threads=threads, adapter_budget_bytes=settings.budget_bytes
+    )
+    try:
+        with tempfile.TemporaryDirectory(prefix="a3x-bench-adapters-") as folder:
+            return _run(backend, Path(folder), threads, settings, route)
+    finally:
+        backend.close()
+
+
+def _run(
+    backend: LlamaCppBackend,
+    folder: Path,
+    threads: int,
+    settings: BenchSettings,
+    route: Callable[[str], Sequence[ActiveAdapter]] | None,
+) -> AdapterBenchmark:
+    # Adapters: a registry of rank-`rank` adapters and one large adapter.
+    paths = register_adapters(
+        folder / "adapters", backend.info, max(settings.counts), settings.rank
+    )
+    large = write_synthetic_adapter(
+        folder / "large.gguf", backend.info, settings.large_rank, seed=10_000
+    )
+
+    # Latency of switching, loading and combining, per registry size.
+    populations = [
+        measure_population(backend, paths[:count], settings.samples, settings.load_samples)
+        for count in settings.counts
+    ]
+    _unload_all(backend)
+    load_warm = measure_load(backend, [large], settings.load_samples)
+    load_cold = measure_load(backend, [large], settings.load_samples, cold=True)
+    _unload_all(backend)
+    load_parts = measure_load_parts(backend, large, settings.load_samples)
+    prompts = benchmark_prompts(settings.prompts)
+    route_latency = (
+        measure_route_and_activate(backend, route, prompts, settings.samples) if route else None
+    )
+
+    # What a switch costs the next decode, then generation speed per adapter count.
+    _unload_all(backend)
+    plain, extra = measure_switch_decode(backend, (paths[0], paths[-1]), settings.decode_samples)
+    sides = {0: [], 1: paths[:1], 3: paths[:3]}
+    steps = measure_decode_step(backend, sides, settings.decode_samples)
+    throughput = measure_throughput(backend, sides, prompts, settings.max_tokens, settings.rounds)
+
+    return AdapterBenchmark(
+        model=str(backend.model_path),
+        machine=machine_description(),
+        threads=threads,
+        budget_bytes=settings.budget_bytes,
+        rank=settings.rank,
+        adapter_bytes=paths[0].stat().st_size,
+        large_rank=settings.large_rank,
+        large_adapter_bytes=large.stat().st_size,
+        populations=populations,
+        load_large_warm=load_warm,
+        load_large_cold=load_cold,
+        load_large_parts=load_parts,
+        decode_plain=plain,
+        decode_switch_extra=extra,
+        decode_step=steps,
+        throughput=throughput,
+        route=route_latency,
+    )
+
+
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, help="GGUF file (default: the bundled Gemma 3 270M)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="threads (default: one per available core)"
+    )
+    parser.add_argument(
+        "--counts",
+        type=_counts,
+        default=DEFAULT_COUNTS,
+        help="registry sizes to measure, comma-separated (default: 1,10,100)",
+    )
+    parser.add_argument(
+        "--rank", type=int, default=DEFAULT_RANK, help="rank of the registered adapters"
+    )
+    parser.add_argument(
+        "--large-rank",
+        type=int,
+        default=DEFAULT_LARGE_RANK,
+        help="rank of the large adapter for the load measurement (default 22: 8.1 MB on Gemma 3 "
+        "270M)",
+    )
+    parser.add_argument("--samples", type=int, default=200, help="switches timed per measurement")
+    parser.add_argument("--load-samples", type=int, default=50, help="loads timed per measurement")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts for the throughput runs")
+    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
+    parser.add_argument(
+        "--budget-mib", type=float, default=256.0, help="adapter budget in MiB (default: 256)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def command(args: argparse.Namespace) -> int:
+    from daemon.config import ModelConfig, thread_count
+    from runtime.default_model import default_model_path
+
+    model = args.model or default_model_path()
+    threads = thread_count(ModelConfig(threads=args.threads))
+    settings = BenchSettings(
+        counts=args.counts,
+        rank=args.rank,
+        large_rank=args.large_rank,
+        samples=args.samples,
+        load_samples=args.load_samples,
+        prompts=args.prompts,
+        max_tokens=args.max_tokens,
+        rounds=args.rounds,
+        budget_bytes=int(args.budget_mib * 2**20),
+    )
+    result = run_benchmark(model, threads, settings)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print_report(result)
+    return 0
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of whole numbers, such as 1,10,100"
+        ) from None
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} has a count below 1; give counts of 1 or more")
+    return counts
+
+
+def print_report(result: AdapterBenchmark) -> None:
+    print(f"model:    {result.model}")
+    print(f"machine:  {result.machine}, {result.threads} threads")
+    print(
+        f"adapters: rank {result.rank} on q,k,v,o, {result.adapter_bytes / 1e6:.2f} MB each; "
+        f"budget {result.budget_bytes / 2**20:.0f} MiB"
+    )
+    print()
+    print(
+        "registered  resident  activate p50/p99 ms  load+activate p50/p99 ms  combine 3 p50/p99 ms"
+    )
+    for population in result.populations:
+        combine = population.combine
+        combined = f"{combine.p50:8.3f} / {combine.p99:7.3f}" if combine else "       -"
+        print(
+            f"{population.registered:10}  {population.resident:8}  "
+            f"{population.activate.p50:8.3f} / {population.activate.p99:7.3f}  "
+            f"{population.load.p50:13.3f} / {population.load.p99:7.3f}   {combined}"
+        )
+    size = result.large_adapter_bytes / 1e6
+    for label, latency in (
+        ("page cache", result.load_large_warm),
+        ("disk", result.load_large_cold),
+    ):
+        print(
+            f"load + activate {size:.1f} MB (rank {result.large_rank}) from {label}: "
+            f"p50 {latency.p50:.3f} ms, p99 {latency.p99:.3f} ms"
+        )
+    parts = result.load_large_parts
+    print(
+        f"  parts from disk, p50/p99 ms: validate {parts.validate.p50:.3f}/{parts.validate.p99:.3f}"
+        f", read file {parts.read.p50:.3f}/{parts.read.p99:.3f}"
+        f", llama.cpp load {parts.init.p50:.3f}/{parts.init.p99:.3f}"
+    )
+    extra = result.decode_switch_extra
+    print(
+        f"decode of {SWITCH_PROMPT!r}: p50 {result.decode_plain.p50:.2f} ms; a switch before it "
+        f"adds p50 {extra.p50:.2f} ms, p99 {extra.p99:.2f} ms"
+    )
+    if result.route:
+        print(f"route + activate: p50 {result.route.p50:.3f} ms, p99 {result.route.p99:.3f} ms")
+    print()
+    for count, side in result.throughput.items():
+        step = result.decode_step[count]
+        print(
+            f"{count} adapter(s) active: {side.tokens} tokens, {side.tokens_per_second:.1f} "
+            f"tokens/s, ratio to base {result.ratio(count):.3f}; one step p50 {step.p50:.2f} ms, "
+            f"ratio to base {result.step_ratio(count):.3f}"
+        )
+    print()
+    for name, value, target, met in result.verdicts():
+        comparison = ">=" if name.startswith("tokens/s") else "<="  # ratios: higher is better
+        status = "met" if met else "MISSED"
+        print(f"{status:6} {name}: {value:.3f} (target {comparison} {target:g})")
