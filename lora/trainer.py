@@ -352,7 +352,19 @@ def _report(
 
 
 def peak_rss_bytes() -> int:
-    """Return this process's peak resident set size (ru_maxrss is in KiB on Linux)."""
+    """Return this process's peak resident set size.
+
+    VmHWM from /proc is this process's own peak. `ru_maxrss` (KiB on Linux) is
+    the fallback, but it starts from the parent's peak in a forked child, so a
+    training child of a large daemon would report the daemon's figure.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
