@@ -20,6 +20,16 @@ def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("models") / "tiny.gguf", TinyConfig(seed=0))
 
 
+@pytest.fixture(autouse=True)
+def fresh_logging():
+    """Reset structlog after each test: a command-line test configures it to write to
+    pytest's captured stderr, which is closed once that test ends."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture(scope="session")
 def model_cache(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder for dequantized models, shared by every test: pytest's cache
