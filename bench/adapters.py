@@ -8,6 +8,8 @@ One run on one backend measures, side by side:
   prefetched as far as the adapter budget allows;
 - latency of loading an adapter of about 8 MB from disk, with the file in
   the page cache and after dropping it from the page cache;
+- latency (p50, p99) of routing a task prompt and activating the adapters
+  that the router picks, with the same 1, 10 and 100 adapters registered;
 - the extra time of the first decode after a switch, which llama.cpp spends
   re-reserving its compute graph;
 - generation throughput with 0, 1 and 3 adapters active, interleaved prompt
@@ -15,7 +17,9 @@ One run on one backend measures, side by side:
 
 The adapters are synthetic: random factors on the attention projections
 (q, k, v, o) of every block, with small `lora_b` so that the model's text
-stays close to the base's.
+stays close to the base's. For routing, each adapter gets the routing
+profile of one training text of the shipped task books (see
+`SyntheticRoutes`), and the routed prompts are the books' task prompts.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from runtime.gguf_file import GGUFInfo
 
 if TYPE_CHECKING:
     from lora.metadata import AdapterMetadata
+    from lora.router import Router, TextEmbedder
     from runtime.llama_cpp_backend import LlamaCppBackend
 
 ATTENTION_MODULES = ("attn_q", "attn_k", "attn_v", "attn_output")
@@ -48,6 +53,7 @@ DEFAULT_RANK, DEFAULT_LARGE_RANK = 8, 22
 DEFAULT_COUNTS = (1, 10, 100)
 TARGET_SWITCH_P99_MS = 1.0
 TARGET_LOAD_P99_MS = 10.0
+TARGET_ROUTE_P99_MS = 20.0
 TARGET_ONE_ADAPTER_RATIO = 0.9
 SWITCH_PROMPT = "The capital of France is"
 
@@ -121,9 +127,16 @@ def register_adapters(root: Path, base: GGUFInfo, count: int, rank: int) -> list
 
 @dataclass
 class Latency:
-    """Samples of one operation, in milliseconds."""
+    """Samples of one operation, in milliseconds of wall time.
+
+    `cpu_samples_ms`, where recorded, is the process CPU time of the same
+    samples. With one thread it is the compute alone and does not grow when
+    other processes take the CPU; with more threads it also counts threads
+    spinning while they wait for each other.
+    """
 
     samples_ms: list[float] = field(default_factory=list)
+    cpu_samples_ms: list[float] = field(default_factory=list)
 
     @property
     def p50(self) -> float:
@@ -133,8 +146,20 @@ class Latency:
     def p99(self) -> float:
         return float(np.percentile(self.samples_ms, 99)) if self.samples_ms else float("nan")
 
+    @property
+    def cpu_p50(self) -> float:
+        samples = self.cpu_samples_ms
+        return float(np.percentile(samples, 50)) if samples else float("nan")
+
     def to_json(self) -> dict[str, float | int]:
-        return {"count": len(self.samples_ms), "p50_ms": self.p50, "p99_ms": self.p99}
+        data: dict[str, float | int] = {
+            "count": len(self.samples_ms),
+            "p50_ms": self.p50,
+            "p99_ms": self.p99,
+        }
+        if self.cpu_samples_ms:
+            data["cpu_p50_ms"] = self.cpu_p50
+        return data
 
 
 @dataclass
@@ -146,6 +171,13 @@ class PopulationResult:
     activate: Latency
     load: Latency
     combine: Latency | None  # None with fewer than 3 resident adapters
+    route: Latency | None = None  # None when routing was not measured
+    # How many adapters each timed routing decision activated, in sample order.
+    routed_counts: list[int] = field(default_factory=list)
+
+    def routed_histogram(self) -> dict[int, int]:
+        """Return the number of routing decisions per count of adapters activated."""
+        return {count: self.routed_counts.count(count) for count in sorted(set(self.routed_counts))}
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -154,6 +186,10 @@ class PopulationResult:
             "activate": self.activate.to_json(),
             "load": self.load.to_json(),
             "combine": self.combine.to_json() if self.combine else None,
+            "route": self.route.to_json() if self.route else None,
+            "routed_adapters": {
+                str(count): decisions for count, decisions in self.routed_histogram().items()
+            },
         }
 
 
@@ -191,16 +227,17 @@ class AdapterBenchmark:
     decode_switch_extra: Latency  # extra time of the first decode after a switch
     decode_step: dict[int, Latency]  # active adapter count -> one generation step
     throughput: dict[int, SideResult]  # active adapter count -> tokens and seconds
-    route: Latency | None = None
 
     def ratio(self, active: int) -> float:
         """Return end-to-end tokens/s with `active` adapters over tokens/s with none."""
         base = self.throughput[0].tokens_per_second
         return self.throughput[active].tokens_per_second / base if base else 0.0
 
-    def step_ratio(self, active: int) -> float:
-        """Return the median step time with no adapter over that with `active` adapters."""
-        return self.decode_step[0].p50 / self.decode_step[active].p50
+    def step_ratio(self, active: int, cpu: bool = False) -> float:
+        """Return the median step time (wall or CPU) with no adapter over that with
+        `active` adapters: the ratio of generation speeds at steady state."""
+        base, adapted = self.decode_step[0], self.decode_step[active]
+        return base.cpu_p50 / adapted.cpu_p50 if cpu else base.p50 / adapted.p50
 
     def verdicts(self) -> list[tuple[str, float, float, bool]]:
         """Return (measurement, value, target, met) for every stated target."""
@@ -211,6 +248,9 @@ class AdapterBenchmark:
             rows.append((f"activate p99 ms, {n} registered", population.activate.p99, switch))
             if population.combine is not None:
                 rows.append((f"combine 3 p99 ms, {n} registered", population.combine.p99, switch))
+            if population.route is not None:
+                route = (f"route + activate p99 ms, {n} registered", population.route.p99)
+                rows.append((*route, TARGET_ROUTE_P99_MS))
         size = f"{self.large_adapter_bytes / 1e6:.1f} MB"
         rows.append((f"load {size} + activate p99 ms, page cache", self.load_large_warm.p99, load))
         rows.append((f"load {size} + activate p99 ms, disk", self.load_large_cold.p99, load))
@@ -218,6 +258,7 @@ class AdapterBenchmark:
         for name, ratio in (
             ("tokens/s with 1 adapter / base, generation", self.ratio(1)),
             ("tokens/s with 1 adapter / base, median step", self.step_ratio(1)),
+            ("tokens/s with 1 adapter / base, median step CPU time", self.step_ratio(1, cpu=True)),
         ):
             target = TARGET_ONE_ADAPTER_RATIO
             verdicts.append((name, ratio, target, ratio >= target))
@@ -240,7 +281,11 @@ class AdapterBenchmark:
             "decode_plain": self.decode_plain.to_json(),
             "decode_switch_extra": self.decode_switch_extra.to_json(),
             "decode_step": {
-                str(count): {**latency.to_json(), "ratio": self.step_ratio(count)}
+                str(count): {
+                    **latency.to_json(),
+                    "ratio": self.step_ratio(count),
+                    "cpu_ratio": self.step_ratio(count, cpu=True),
+                }
                 for count, latency in self.decode_step.items()
             },
             "throughput": {
@@ -252,7 +297,6 @@ class AdapterBenchmark:
                 }
                 for count, side in self.throughput.items()
             },
-            "route": self.route.to_json() if self.route else None,
             "verdicts": [
                 {"measurement": name, "value": value, "target": target, "met": met}
                 for name, value, target, met in self.verdicts()
@@ -267,6 +311,12 @@ def _time_ms(action: Callable[..., object], *args: Any) -> float:
     started = time.perf_counter_ns()
     action(*args)
     return (time.perf_counter_ns() - started) / 1e6
+
+
+def _time_wall_and_cpu(action: Callable[[], object]) -> tuple[float, float]:
+    started, cpu_started = time.perf_counter_ns(), time.process_time_ns()
+    action()
+    return (time.perf_counter_ns() - started) / 1e6, (time.process_time_ns() - cpu_started) / 1e6
 
 
 def _use(paths: Sequence[Path]) -> list[ActiveAdapter]:
@@ -343,9 +393,14 @@ def measure_load_parts(backend: LlamaCppBackend, path: Path, samples: int) -> Lo
 
 
 def measure_population(
-    backend: LlamaCppBackend, paths: list[Path], samples: int, load_samples: int
+    backend: LlamaCppBackend,
+    paths: list[Path],
+    samples: int,
+    load_samples: int,
+    routes: SyntheticRoutes | None = None,
 ) -> PopulationResult:
-    """Prefetch what fits of `paths`, then time activating, loading and combining."""
+    """Prefetch what fits of `paths`, then time activating, loading, combining and,
+    with `routes`, routing a prompt and activating what the router picks."""
     from lora.gguf_adapter import read_gguf_adapter
 
     _unload_all(backend)
@@ -355,7 +410,12 @@ def measure_population(
     activate = measure_activate(backend, resident, samples)
     combine = measure_combine(backend, resident, samples)
     load = measure_load(backend, paths, load_samples)
-    return PopulationResult(len(paths), len(resident), activate, load, combine)
+    result = PopulationResult(len(paths), len(resident), activate, load, combine)
+    if routes is not None:
+        route = routes.route_for(paths)
+        result.route = measure_route_and_activate(backend, route, routes.prompts, samples)
+        result.routed_counts = route.counts
+    return result
 
 
 class _PromptDecoder:
@@ -400,10 +460,13 @@ def measure_switch_decode(
         backend.set_adapters(_use([pair[0]]))
         decoder.prompt()
         for index in range(samples):
-            before = _time_ms(decoder.prompt)
+            wall, cpu = _time_wall_and_cpu(decoder.prompt)
             backend.set_adapters(_use([pair[(index + 1) % 2]]))
-            plain.samples_ms.append(before)
-            extra.samples_ms.append(_time_ms(decoder.prompt) - before)
+            wall_after, cpu_after = _time_wall_and_cpu(decoder.prompt)
+            plain.samples_ms.append(wall)
+            plain.cpu_samples_ms.append(cpu)
+            extra.samples_ms.append(wall_after - wall)
+            extra.cpu_samples_ms.append(cpu_after - cpu)
     finally:
         decoder.close()
     return plain, extra
@@ -426,7 +489,9 @@ def measure_decode_step(
             for count in order[index % len(order) :] + order[: index % len(order)]:
                 backend.set_adapters(_use(sides[count]))
                 decoder.prompt()
-                steps[count].samples_ms.append(_time_ms(decoder.step))
+                wall, cpu = _time_wall_and_cpu(decoder.step)
+                steps[count].samples_ms.append(wall)
+                steps[count].cpu_samples_ms.append(cpu)
     finally:
         decoder.close()
     return steps
@@ -485,6 +550,89 @@ def _route_and_activate(
     backend.set_adapters(route(prompt))
 
 
+# Routing over synthetic adapters
+
+
+def routing_texts(books: Sequence[Path]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Return the task prompts of `books`, and (domain, text) for their training texts.
+
+    A domain's training texts are what its routing profile is built from:
+    the prompts of its tasks that are not held out, then its corpus training
+    paragraphs. The domains take turns in the list, so that the first few
+    adapters already cover every domain.
+    """
+    from daemon.taskbook import load_books
+    from lora.router import book_groups
+
+    book = load_books(books)
+    queues: dict[str, list[str]] = {}
+    for name, domain in sorted(book.domains.items()):
+        tasks = [task for task in book.tasks if task.domain == name]
+        prompts, paragraphs = book_groups(tasks, domain.reference_corpus)
+        queues[name] = [text for text in prompts + paragraphs if text.strip()]
+    texts: list[tuple[str, str]] = []
+    for position in range(max(len(queue) for queue in queues.values())):
+        texts.extend(
+            (name, queue[position]) for name, queue in queues.items() if position < len(queue)
+        )
+    return [task.prompt for task in book.tasks], texts
+
+
+@dataclass
+class RecordingRoute:
+    """A route from prompt text to adapters that records how many each decision picked."""
+
+    router: Router
+    paths: dict[str, Path]  # profile name -> adapter file
+    counts: list[int] = field(default_factory=list)
+
+    def __call__(self, prompt: str) -> list[ActiveAdapter]:
+        decision = self.router.route(prompt)
+        self.counts.append(len(decision.adapters))
+        return [ActiveAdapter(self.paths[name], weight) for name, weight, _ in decision.adapters]
+
+
+class SyntheticRoutes:
+    """Routers over synthetic adapters, with the daemon's router and default settings.
+
+    Adapter i gets the embedding of training text i of `routing_texts` as its
+    profile. A trained adapter's profile averages many such texts, which
+    changes which adapters a prompt picks, but not the work of the router:
+    embedding the prompt, a FAISS search over every profile and a softmax.
+    """
+
+    def __init__(self, embedder: TextEmbedder, books: Sequence[Path], count: int):
+        """Embed the first `count` training texts of `books`, one per adapter to route to."""
+        self.embedder = embedder
+        self.prompts, texts = routing_texts(books)
+        if count > len(texts):
+            raise ValueError(
+                f"routing profiles come from the {len(texts)} training texts of the shipped "
+                f"task books, too few for {count} registered adapters; measure at most "
+                f"{len(texts)}, or leave routing out with --no-route"
+            )
+        self.domains = [domain for domain, _ in texts[:count]]
+        # Embedding the texts also warms up the model before any timed routing.
+        self.vectors = embedder.encode([text for _, text in texts[:count]])
+
+    def route_for(self, paths: Sequence[Path]) -> RecordingRoute:
+        """Build a router over the first len(paths) profiles, one per adapter file."""
+        from lora.router import SOURCE_TRAINING_SET, Profile, Router, RouterSettings
+
+        if len(paths) > len(self.vectors):
+            raise ValueError(
+                f"{len(paths)} adapters to route to, but only {len(self.vectors)} profiles were "
+                f"embedded; create SyntheticRoutes with a count of at least {len(paths)}"
+            )
+        names = [f"synthetic{index:03d}" for index in range(len(paths))]
+        profiles = [
+            Profile(name, self.domains[index], self.vectors[index], SOURCE_TRAINING_SET, 1)
+            for index, name in enumerate(names)
+        ]
+        router = Router(profiles, self.embedder, RouterSettings())
+        return RecordingRoute(router, dict(zip(names, paths, strict=True)))
+
+
 def _drop_page_cache(path: Path) -> None:
     descriptor = os.open(path, os.O_RDONLY)
     try:
@@ -509,23 +657,32 @@ class BenchSettings:
     rounds: int = 2
     n_ctx: int = 2048
     budget_bytes: int = 256 * 2**20
+    route: bool = True  # time routing, which loads the MiniLM embedding model
 
 
 def run_benchmark(
-    model: Path,
-    threads: int,
-    settings: BenchSettings,
-    route: Callable[[str], Sequence[ActiveAdapter]] | None = None,
+    model: Path, threads: int, settings: BenchSettings, embedder: TextEmbedder | None = None
 ) -> AdapterBenchmark:
-    """Run every measurement on one backend over adapters in a temporary folder."""
+    """Run every measurement on one backend over adapters in a temporary folder.
+
+    With `settings.route`, prompts are embedded by `embedder`, by default
+    MiniLM with `threads` torch threads.
+    """
     from runtime.llama_cpp_backend import LlamaCppBackend
 
+    routes = None
+    if settings.route:
+        from bench.routing import shipped_books
+        from knowledge.embed import Embedder
+
+        embedder = embedder or Embedder(threads=threads)
+        routes = SyntheticRoutes(embedder, shipped_books(), max(settings.counts))
     backend = LlamaCppBackend(
         model, n_ctx=settings.n_ctx, threads=threads, adapter_budget_bytes=settings.budget_bytes
     )
     try:
         with tempfile.TemporaryDirectory(prefix="a3x-bench-adapters-") as folder:
-            return _run(backend, Path(folder), threads, settings, route)
+            return _run(backend, Path(folder), threads, settings, routes)
     finally:
         backend.close()
 
@@ -535,19 +692,19 @@ def _run(
     folder: Path,
     threads: int,
     settings: BenchSettings,
-    route: Callable[[str], Sequence[ActiveAdapter]] | None,
+    routes: SyntheticRoutes | None,
 ) -> AdapterBenchmark:
-    # Adapters: a registry of rank-`rank` adapters and one large adapter.
-    paths = register_adapters(
-        folder / "adapters", backend.info, max(settings.counts), settings.rank
-    )
+    # Adapters: a registry of rank-`rank` adapters, at least 3 for the throughput
+    # sides, and one large adapter.
+    registered = max(*settings.counts, 3)
+    paths = register_adapters(folder / "adapters", backend.info, registered, settings.rank)
     large = write_synthetic_adapter(
         folder / "large.gguf", backend.info, settings.large_rank, seed=10_000
     )
 
-    # Latency of switching, loading and combining, per registry size.
+    # Latency of switching, loading, combining and routing, per registry size.
     populations = [
-        measure_population(backend, paths[:count], settings.samples, settings.load_samples)
+        measure_population(backend, paths[:count], settings.samples, settings.load_samples, routes)
         for count in settings.counts
     ]
     _unload_all(backend)
@@ -555,13 +712,10 @@ def _run(
     load_cold = measure_load(backend, [large], settings.load_samples, cold=True)
     _unload_all(backend)
     load_parts = measure_load_parts(backend, large, settings.load_samples)
-    prompts = benchmark_prompts(settings.prompts)
-    route_latency = (
-        measure_route_and_activate(backend, route, prompts, settings.samples) if route else None
-    )
 
     # What a switch costs the next decode, then generation speed per adapter count.
     _unload_all(backend)
+    prompts = benchmark_prompts(settings.prompts)
     plain, extra = measure_switch_decode(backend, (paths[0], paths[-1]), settings.decode_samples)
     sides = {0: [], 1: paths[:1], 3: paths[:3]}
     steps = measure_decode_step(backend, sides, settings.decode_samples)
@@ -584,7 +738,6 @@ def _run(
         decode_switch_extra=extra,
         decode_step=steps,
         throughput=throughput,
-        route=route_latency,
     )
 
 
@@ -603,7 +756,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="registry sizes to measure, comma-separated (default: 1,10,100)",
     )
     parser.add_argument(
-        "--rank", type=int, default=DEFAULT_RANK, help="rank of the registered adapters"
+        "--rank",
+        type=int,
+        default=DEFAULT_RANK,
+        help="rank of the registered adapters (default 8: 2.9 MB on Gemma 3 270M)",
     )
     parser.add_argument(
         "--large-rank",
@@ -612,13 +768,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rank of the large adapter for the load measurement (default 22: 8.1 MB on Gemma 3 "
         "270M)",
     )
-    parser.add_argument("--samples", type=int, default=200, help="switches timed per measurement")
-    parser.add_argument("--load-samples", type=int, default=50, help="loads timed per measurement")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts for the throughput runs")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
-    parser.add_argument("--rounds", type=int, default=2, help="passes over the prompts")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=200,
+        help="operations timed per activate, combine and route measurement (default 200)",
+    )
+    parser.add_argument(
+        "--load-samples", type=int, default=50, help="loads timed per load measurement (default 50)"
+    )
+    parser.add_argument(
+        "--prompts", type=int, default=8, help="prompts for the throughput runs (default 8)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="max tokens to generate per prompt (default 64)"
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the prompts (default 2)")
     parser.add_argument(
         "--budget-mib", type=float, default=256.0, help="adapter budget in MiB (default: 256)"
+    )
+    parser.add_argument(
+        "--no-route",
+        dest="route",
+        action="store_false",
+        help="leave out routing, which loads the MiniLM embedding model",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -639,6 +812,7 @@ def command(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         rounds=args.rounds,
         budget_bytes=int(args.budget_mib * 2**20),
+        route=args.route,
     )
     result = run_benchmark(model, threads, settings)
     if args.json:
@@ -668,17 +842,7 @@ def print_report(result: AdapterBenchmark) -> None:
         f"budget {result.budget_bytes / 2**20:.0f} MiB"
     )
     print()
-    print(
-        "registered  resident  activate p50/p99 ms  load+activate p50/p99 ms  combine 3 p50/p99 ms"
-    )
-    for population in result.populations:
-        combine = population.combine
-        combined = f"{combine.p50:8.3f} / {combine.p99:7.3f}" if combine else "       -"
-        print(
-            f"{population.registered:10}  {population.resident:8}  "
-            f"{population.activate.p50:8.3f} / {population.activate.p99:7.3f}  "
-            f"{population.load.p50:13.3f} / {population.load.p99:7.3f}   {combined}"
-        )
+    _print_populations(result.populations)
     size = result.large_adapter_bytes / 1e6
     for label, latency in (
         ("page cache", result.load_large_warm),
@@ -697,20 +861,48 @@ def print_report(result: AdapterBenchmark) -> None:
     extra = result.decode_switch_extra
     print(
         f"decode of {SWITCH_PROMPT!r}: p50 {result.decode_plain.p50:.2f} ms; a switch before it "
-        f"adds p50 {extra.p50:.2f} ms, p99 {extra.p99:.2f} ms"
+        f"adds p50 {extra.p50:.2f} ms, p99 {extra.p99:.2f} ms "
+        f"(CPU time: p50 {extra.cpu_p50:.2f} ms)"
     )
-    if result.route:
-        print(f"route + activate: p50 {result.route.p50:.3f} ms, p99 {result.route.p99:.3f} ms")
     print()
     for count, side in result.throughput.items():
         step = result.decode_step[count]
         print(
             f"{count} adapter(s) active: {side.tokens} tokens, {side.tokens_per_second:.1f} "
             f"tokens/s, ratio to base {result.ratio(count):.3f}; one step p50 {step.p50:.2f} ms, "
-            f"ratio to base {result.step_ratio(count):.3f}"
+            f"ratio to base {result.step_ratio(count):.3f}, CPU time p50 {step.cpu_p50:.2f} ms, "
+            f"ratio {result.step_ratio(count, cpu=True):.3f}"
         )
     print()
     for name, value, target, met in result.verdicts():
         comparison = ">=" if name.startswith("tokens/s") else "<="  # ratios: higher is better
         status = "met" if met else "MISSED"
         print(f"{status:6} {name}: {value:.3f} (target {comparison} {target:g})")
+
+
+def _print_populations(populations: list[PopulationResult]) -> None:
+    print(
+        "registered  resident  activate p50/p99 ms  load+activate p50/p99 ms  "
+        "combine 3 p50/p99 ms  route+activate p50/p99 ms"
+    )
+    for population in populations:
+        print(
+            f"{population.registered:10}  {population.resident:8}  "
+            f"{_pair(population.activate, 8)}  {_pair(population.load, 13)}   "
+            f"{_pair(population.combine, 9)}  {_pair(population.route, 14)}"
+        )
+    for population in populations:
+        if population.route is None:
+            continue
+        picked = ", ".join(
+            f"{decisions} picked {count}"
+            for count, decisions in population.routed_histogram().items()
+        )
+        print(f"routing decisions with {population.registered} registered: {picked}")
+
+
+def _pair(latency: Latency | None, width: int) -> str:
+    """Format p50 / p99 in ms, or a dash for a measurement not made."""
+    if latency is None:
+        return f"{'-':>{width}}" + " " * 10
+    return f"{latency.p50:{width}.3f} / {latency.p99:7.3f}"

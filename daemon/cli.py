@@ -277,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_step.add_arguments(training_step)
     training_step.set_defaults(handler=train_step.command)
+
+    from bench import adapters as bench_adapters
+
+    adapter_benchmark = bench_commands.add_parser(
+        "adapters",
+        help="latency of activating, loading, combining and routing LoRA adapters, and "
+        "tokens/s with 0, 1 and 3 adapters active",
+    )
+    bench_adapters.add_arguments(adapter_benchmark)
+    adapter_benchmark.set_defaults(handler=bench_adapters.command)
     return parser
 
 
