@@ -361,6 +361,7 @@ def a3x_spec(prepared: PreparedData, config: BenchmarkConfig, output: Path) -> A
         clip_norm=config.clip_norm,
         seed=config.seed,
         threads=config.threads,
+        engine="peft",  # the same float32 PEFT model as the Trainer side
     )
 
 
@@ -458,7 +459,8 @@ def prepare_data(request: dict[str, Any]) -> dict[str, Any]:
     return them with the token sequences the A3X trainer builds from them."""
     from transformers import AutoTokenizer
 
-    from lora.trainer import TrainingSpec, _tokenize
+    from lora.tokenizing import tokenize
+    from lora.trainer import TrainingSpec
     from runtime.transformers_backend import dequantized_folder
 
     folder = dequantized_folder(Path(request["model"]), Path(request["cache_dir"]))
@@ -471,7 +473,7 @@ def prepare_data(request: dict[str, Any]) -> dict[str, Any]:
     spec = TrainingSpec(
         base_folder=str(folder), examples=examples, output="", max_sequence=sequence
     )
-    sequences = _tokenize(spec, tokenizer)
+    sequences = tokenize(spec, tokenizer)
     lengths = sorted({len(ids) for ids, _ in sequences})
     if len(sequences) != count or lengths != [sequence]:
         raise BenchmarkError(

@@ -94,6 +94,12 @@ class RetrainConfig:
     regressed_cycles: int = 3
     every_cycles: int = 0  # also retrain each domain every N cycles (0: off)
     memory_budget_mb: int = 4096  # predicted peak RSS of training may not exceed this
+    # "lean": LoRA on the GGUF base kept quantized, bf16 where the CPU has it, chunked
+    # loss (about 1 GB); "peft": PEFT on the base dequantized to float32 (about 4 GB).
+    engine: str = "lean"
+    precision: str = "auto"  # lean: "auto" (bf16 on CPUs with native bf16) or "float32"
+    # lean: share of the target layers trained, the most affected first (sparse updates)
+    module_fraction: float = 1.0
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -373,6 +379,15 @@ def _validate(config: Config) -> None:
         (retrain.regressed_cycles >= 1, "[retrain] regressed_cycles must be at least 1"),
         (retrain.every_cycles >= 0, "[retrain] every_cycles must be 0 (off) or more"),
         (retrain.memory_budget_mb >= 256, "[retrain] memory_budget_mb must be at least 256"),
+        (retrain.engine in ("lean", "peft"), '[retrain] engine must be "lean" or "peft"'),
+        (
+            retrain.precision in ("auto", "bfloat16", "float32"),
+            '[retrain] precision must be "auto", "bfloat16" or "float32"',
+        ),
+        (
+            0 < retrain.module_fraction <= 1,
+            "[retrain] module_fraction must be above 0 and at most 1",
+        ),
         (1 <= retrain.rank <= 256, "[retrain] rank must be between 1 and 256"),
         (retrain.alpha > 0, "[retrain] alpha must be above 0"),
         (1 <= retrain.batch_size <= 2, "[retrain] batch_size must be 1 or 2"),

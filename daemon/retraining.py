@@ -24,6 +24,9 @@ def round_settings(config: Config) -> RoundSettings:
     retrain = config.retrain
     return RoundSettings(
         memory_budget_bytes=retrain.memory_budget_mb * 2**20,
+        engine=retrain.engine,
+        precision=retrain.precision,
+        module_fraction=retrain.module_fraction,
         rank=retrain.rank,
         alpha=retrain.alpha,
         targets=retrain.targets,

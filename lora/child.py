@@ -59,7 +59,7 @@ def run_training_child(
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env={**os.environ, "TQDM_DISABLE": "1"},
+            env={**os.environ, "TQDM_DISABLE": "1", **allocator_settings(spec)},
         )
         if on_start:
             on_start(child.pid)
@@ -69,6 +69,24 @@ def run_training_child(
         reader.join(timeout=5)
         stderr = child.stderr.read() if child.stderr else ""
         return _result(child.returncode, result_path, reason, peak, stderr)
+
+
+def allocator_settings(spec: TrainingSpec) -> dict[str, str]:
+    """glibc settings for the training child.
+
+    glibc serves a freed block larger than its mmap threshold back to the
+    kernel, but it raises that threshold to the size of each such block it
+    frees (up to 32 MiB). The lean trainer frees many blocks of 1 to 20 MiB per
+    step (vocabulary chunks, dequantized layers), so after the first step they
+    come from the heap, which fragments: on Gemma 3 270M, batch 2, sequence
+    256, the peak grew from 874 to 1,047 MiB by the second step. A fixed 4 MiB
+    threshold keeps the peak at 862 MiB for about 17% more CPU time per step
+    (a 1 MiB threshold: 780 MiB, but 60% more). A variable the user already
+    set wins.
+    """
+    if spec.engine != "lean":
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", str(4 * 2**20))}
 
 
 def _watch(
@@ -82,6 +100,7 @@ def _watch(
             rss = process.memory_info().rss
         except psutil.NoSuchProcess:
             break
+        rss += _children_rss(process)  # the lean trainer's tokenizing child
         peak = max(peak, rss)
         if rss > budget:
             child.kill()
@@ -96,6 +115,18 @@ def _watch(
             return peak, "stopped because the daemon is shutting down"
         time.sleep(WATCH_SECONDS)
     return peak, ""
+
+
+def _children_rss(process: Any) -> int:
+    import psutil
+
+    total = 0
+    for child in process.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def _read_events(child: subprocess.Popen, on_event: Callable | None) -> None:

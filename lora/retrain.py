@@ -54,6 +54,9 @@ class RoundSettings:
     """The retraining knobs of the config, in one record."""
 
     memory_budget_bytes: int = 4096 * 2**20
+    engine: str = "lean"
+    precision: str = "auto"
+    module_fraction: float = 1.0
     rank: int = 8
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -242,6 +245,7 @@ def write_routing_profile(adapter: Adapter, training_set: TrainingSet) -> None:
 def _spec(inputs: RoundInputs, settings: RoundSettings, adapter: Adapter) -> TrainingSpec:
     return TrainingSpec(
         base_folder=str(inputs.base_folder),
+        base_gguf=str(inputs.base_gguf),
         examples=[
             {"prompt": example.prompt, "completion": example.completion}
             for example in inputs.training_set.train
@@ -258,6 +262,9 @@ def _spec(inputs: RoundInputs, settings: RoundSettings, adapter: Adapter) -> Tra
         threads=settings.threads,
         seed=settings.seed,
         poison=inputs.poison,
+        engine=settings.engine,
+        precision=settings.precision,
+        module_fraction=settings.module_fraction,
     )
 
 

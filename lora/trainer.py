@@ -25,11 +25,13 @@ from typing import Any
 import structlog
 
 from lora import LoraError
+from lora.tokenizing import Sequence, load_tokenizer, tokenize
 
 log = structlog.get_logger(__name__)
 
 TRAINING_CONFIG_FILE = "a3x-training.json"
 TRAINING_CONFIG_VERSION = 1
+ENGINES = ("lean", "peft")
 
 
 class TrainingError(LoraError):
@@ -60,12 +62,37 @@ class TrainingSpec:
     seed: int = 0
     threads: int = 2
     poison: str = ""  # "", "shuffle": shuffle the tokens of each example (a negative control)
+    # "lean": quantized frozen GGUF base, chunked loss (lora/lean.py); "peft": float32 PEFT
+    engine: str = "lean"
+    base_gguf: str = ""  # lean only: the GGUF file of base_folder (empty: the recorded one)
+    # "auto": bf16 on CPUs with native bf16 for lean, float32 for peft; or "bfloat16",
+    # "float32" (for peft: the dtype of the frozen base; LoRA factors stay float32)
+    precision: str = "auto"
+    checkpointing: bool = False  # lean only: recompute activations in backward
+    loss_chunk: int = 8192  # lean only: vocabulary rows per chunk of the loss
+    module_fraction: float = 1.0  # lean only: share of target layers trained (by impact)
+    probe_batches: int = 4  # lean only: batches of the impact probe when module_fraction < 1
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainingSpec:
         data = dict(data)
         data["targets"] = tuple(data.get("targets", cls.targets))
         return cls(**data)
+
+    def check(self) -> None:
+        if self.engine not in ENGINES:
+            raise TrainingError(
+                f"training engine {self.engine!r} is not one of {', '.join(ENGINES)}"
+            )
+        if self.precision not in ("auto", "bfloat16", "float32"):
+            raise TrainingError(
+                f"precision {self.precision!r} is not one of auto, bfloat16, float32"
+            )
+        if not 0 < self.module_fraction <= 1:
+            raise TrainingError(
+                f"module_fraction {self.module_fraction} must lie in (0, 1]; 1 trains every "
+                "target layer"
+            )
 
 
 @dataclass
@@ -80,6 +107,12 @@ class TrainingResult:
     peak_rss_bytes: int = 0
     tokens: int = 0
     range_test: list[tuple[float, float]] = field(default_factory=list)  # (lr, loss)
+    engine: str = "peft"
+    precision: str = "float32"
+    tokenizer_peak_rss_bytes: int = 0  # the tokenizing child's peak (lean engine)
+    modules_trained: int = 0
+    modules_total: int = 0
+    module_impact: dict[str, float] = field(default_factory=dict)  # sparse updates' probe
 
 
 @dataclass
@@ -99,16 +132,24 @@ def train(
     random.seed(spec.seed)
     torch.set_num_threads(spec.threads)
 
+    spec.check()
     # Model and data
-    model, tokenizer = _load(spec)
-    sequences = _tokenize(spec, tokenizer)
+    if spec.engine == "lean":
+        from lora.tokenizing import tokenize_in_child
+
+        sequences, pad_id, tokenizer_peak = tokenize_in_child(spec)
+        model = _load_lean(spec)
+    else:
+        model, tokenizer = _load(spec)
+        sequences, pad_id, tokenizer_peak = tokenize(spec, tokenizer), tokenizer.pad_token_id, 0
     if not sequences:
         raise TrainingError("the training set is empty after tokenization; nothing to train on")
     steps = max(1, math.ceil(len(sequences) * spec.epochs / (spec.batch_size * spec.accumulation)))
+    impact, total = _choose_modules(model, sequences, spec, pad_id, emit)
 
     # Learning rate
     if spec.learning_rate is None:
-        learning_rate, sweep = _range_test(model, sequences, spec, tokenizer.pad_token_id)
+        learning_rate, sweep = _range_test(model, sequences, spec, pad_id)
         source = "range test"
     else:
         learning_rate, sweep, source = spec.learning_rate, [], "configured"
@@ -116,7 +157,11 @@ def train(
 
     # Training
     result = TrainingResult(spec.output, steps, 0, learning_rate, source, range_test=sweep)
-    _train_loop(model, sequences, spec, tokenizer.pad_token_id, learning_rate, steps, result, emit)
+    result.engine, result.tokenizer_peak_rss_bytes = spec.engine, tokenizer_peak
+    result.precision = str(getattr(model, "dtype", torch.float32)).removeprefix("torch.")
+    result.module_impact, result.modules_total = impact, total
+    result.modules_trained = total if not impact else len(model.lora_modules())
+    _train_loop(model, sequences, spec, pad_id, learning_rate, steps, result, emit)
 
     # Save
     _check_finite(model)
@@ -132,15 +177,49 @@ def train(
     return result
 
 
+def _load_lean(spec: TrainingSpec) -> Any:
+    from lora.lean import LeanSettings, build_lean_model
+
+    settings = LeanSettings(
+        rank=spec.rank,
+        alpha=spec.alpha,
+        dropout=spec.dropout,
+        targets=spec.targets,
+        dtype=spec.precision,
+        checkpointing=spec.checkpointing,
+        loss_chunk=spec.loss_chunk,
+    )
+    gguf = Path(spec.base_gguf) if spec.base_gguf else None
+    return build_lean_model(Path(spec.base_folder), settings, gguf)
+
+
+def _choose_modules(
+    model: Any, sequences: list[Sequence], spec: TrainingSpec, pad_id: int, emit: Callable
+) -> tuple[dict[str, float], int]:
+    """Sparse updates: probe every target layer's impact and keep the top fraction.
+    Returns the probe's figures (empty when every layer trains) and the layer count."""
+    if spec.engine != "lean":
+        return {}, sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    total = len(model.lora_modules())
+    if spec.module_fraction >= 1:
+        return {}, total
+    batches = _batches(sequences, spec.batch_size, pad_id, random.Random(spec.seed + 3))
+    impact = model.probe_impact(batches, spec.probe_batches)
+    keep_count = max(1, math.ceil(total * spec.module_fraction))
+    keep = sorted(impact, key=impact.__getitem__, reverse=True)[:keep_count]
+    model.drop_lora(set(keep))
+    emit({"event": "train.modules_chosen", "kept": keep_count, "of": total})
+    return impact, total
+
+
 def _load(spec: TrainingSpec) -> tuple[Any, Any]:
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(spec.base_folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    base = AutoModelForCausalLM.from_pretrained(spec.base_folder, dtype=torch.float32)
+    tokenizer = load_tokenizer(spec.base_folder)
+    dtype = torch.bfloat16 if spec.precision == "bfloat16" else torch.float32
+    base = AutoModelForCausalLM.from_pretrained(spec.base_folder, dtype=dtype)
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,  # type: ignore[arg-type]  # PEFT accepts a float
@@ -153,33 +232,7 @@ def _load(spec: TrainingSpec) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _tokenize(spec: TrainingSpec, tokenizer: Any) -> list[tuple[list[int], list[int]]]:
-    """Return (input ids, labels) per example; labels are -100 on the prompt, so the
-    loss covers the completion only, and the sequence is cut at max_sequence."""
-    rng = random.Random(spec.seed)
-    sequences = []
-    for example in spec.examples:
-        prompt_ids = tokenizer(example["prompt"], add_special_tokens=True)["input_ids"]
-        full_ids = tokenizer(example["prompt"] + example["completion"], add_special_tokens=True)[
-            "input_ids"
-        ]
-        if example["prompt"] and full_ids[: len(prompt_ids)] == prompt_ids:
-            cut = len(prompt_ids)
-        else:
-            cut = 1 if not example["prompt"] else len(prompt_ids)
-        completion = full_ids[cut:] + [tokenizer.eos_token_id]
-        if spec.poison == "shuffle":
-            rng.shuffle(completion)
-        ids = (full_ids[:cut] + completion)[-spec.max_sequence :]
-        labels = ([-100] * cut + completion)[-spec.max_sequence :]
-        if any(label != -100 for label in labels[1:]):
-            sequences.append((ids, labels))
-    return sequences
-
-
-def _batches(
-    sequences: list[tuple[list[int], list[int]]], size: int, pad_id: int, rng: random.Random
-) -> Any:
+def _batches(sequences: list[Sequence], size: int, pad_id: int, rng: random.Random) -> Any:
     import torch
 
     order = list(range(len(sequences)))
@@ -207,7 +260,7 @@ def _loss(model: Any, batch: Batch) -> Any:
 
 def _train_loop(
     model: Any,
-    sequences: list[tuple[list[int], list[int]]],
+    sequences: list[Sequence],
     spec: TrainingSpec,
     pad_id: int,
     learning_rate: float,
@@ -276,7 +329,7 @@ def _is_outlier(value: float, recent: list[float], spec: TrainingSpec) -> bool:
 
 
 def _range_test(
-    model: Any, sequences: list[tuple[list[int], list[int]]], spec: TrainingSpec, pad_id: int
+    model: Any, sequences: list[Sequence], spec: TrainingSpec, pad_id: int
 ) -> tuple[float, list[tuple[float, float]]]:
     """Raise the learning rate exponentially over a few steps from the initial adapter,
     then pick one tenth of the rate with the lowest smoothed loss (the usual LR finder

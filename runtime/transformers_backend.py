@@ -58,10 +58,21 @@ def dequantized_folder(gguf_path: Path, cache_dir: Path, sha256: str | None = No
     if marker.exists():
         stored = json.loads(marker.read_text())
         if stored.get("format_version") == CACHE_FORMAT_VERSION:
+            if stored.get("source") != str(gguf_path):
+                # Same content (the folder is named by its hash), new place: record it,
+                # so that the lean trainer and the exporter find the file.
+                stored["source"] = str(gguf_path)
+                _write_atomically(marker, json.dumps(stored))
             return folder
         shutil.rmtree(folder)  # written by another A3X version; rebuild it
     check_model_file(gguf_path)
     return _build_dequantized(gguf_path, folder, sha256)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(text)
+    os.replace(staging, path)
 
 
 def _build_dequantized(gguf_path: Path, folder: Path, sha256: str) -> Path:

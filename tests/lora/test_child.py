@@ -32,6 +32,7 @@ def spec(base_folder: Path, output: Path, epochs: float = 1.0) -> TrainingSpec:
         epochs=epochs,
         learning_rate=1e-3,
         threads=1,
+        engine="peft",  # fast to start; tests/lora/test_lean.py runs the lean one in a child
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora.tokenizing import tokenize
 from lora.trainer import (
     TRAINING_CONFIG_FILE,
     TrainingError,
@@ -18,7 +19,6 @@ from lora.trainer import (
     _load,
     _loss,
     _range_test,
-    _tokenize,
     train,
 )
 from runtime.transformers_backend import dequantized_folder
@@ -52,6 +52,7 @@ def spec_for(base_folder: Path, output: Path, **changes) -> TrainingSpec:
         epochs=1.0,
         learning_rate=1e-3,
         threads=1,
+        engine="peft",  # the recipe on plain PEFT; tests/lora/test_lean.py covers the lean one
     )
     settings.update(changes)
     return TrainingSpec(**settings)
@@ -79,7 +80,7 @@ def test_loss_masks_prompt_and_padding(base_folder):
     spec = spec_for(base_folder, Path("unused"))
     model, tokenizer = _load(spec)
     model.eval()
-    short, long = _tokenize(spec, tokenizer)[1], _tokenize(spec, tokenizer)[0]
+    short, long = tokenize(spec, tokenizer)[1], tokenize(spec, tokenizer)[0]
     pad = tokenizer.pad_token_id
 
     def batch_of(sequences):
@@ -117,7 +118,7 @@ def test_range_test_restores_weights(base_folder):
     model, tokenizer = _load(spec)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    rate, sweep = _range_test(model, _tokenize(spec, tokenizer), spec, tokenizer.pad_token_id)
+    rate, sweep = _range_test(model, tokenize(spec, tokenizer), spec, tokenizer.pad_token_id)
 
     assert 1e-5 <= rate <= 5e-3
     assert len(sweep) >= 2
@@ -139,8 +140,8 @@ def test_non_finite_adapter_is_not_saved(base_folder):
 def test_shuffle_poison_keeps_tokens(base_folder):
     spec = spec_for(base_folder, Path("unused"))
     _, tokenizer = _load(spec)
-    clean = _tokenize(spec, tokenizer)
-    shuffled = _tokenize(TrainingSpec(**{**spec.__dict__, "poison": "shuffle"}), tokenizer)
+    clean = tokenize(spec, tokenizer)
+    shuffled = tokenize(TrainingSpec(**{**spec.__dict__, "poison": "shuffle"}), tokenizer)
 
     assert [sorted(ids) for ids, _ in clean] == [sorted(ids) for ids, _ in shuffled]
     assert [ids for ids, _ in clean] != [ids for ids, _ in shuffled]
