@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,9 @@ def _result(code: int | None, path: Path, reason: str, peak: int, stderr: str) -
         raise TrainingFailed(f"training was killed: {reason}", peak)
     data = json.loads(path.read_text()) if path.exists() else {}
     if code == 0 and "result" in data:
-        result = TrainingResult(**data["result"])
+        # Fields a worker of another A3X version wrote (an upgrade during a round) are dropped.
+        known = {f.name for f in fields(TrainingResult)}
+        result = TrainingResult(**{k: v for k, v in data["result"].items() if k in known})
         result.range_test = [tuple(point) for point in result.range_test]  # type: ignore[misc]
         return result
     if "error" in data:
