@@ -401,9 +401,13 @@ def seconds_per_timed_step(step_ends: dict[int, float]) -> float:
 
 
 def run_child(
-    role: str, request: dict[str, Any], scratch: Path, budget_bytes: int | None
+    role: str,
+    request: dict[str, Any],
+    scratch: Path,
+    budget_bytes: int | None,
+    module: str = "bench.train_step",
 ) -> dict[str, Any]:
-    """Run `python -m bench.train_step --child ROLE` and return the JSON it writes.
+    """Run `python -m MODULE --child ROLE` and return the JSON it writes.
 
     The child's stderr goes to a file, because a full pipe would block it."""
     request_path = scratch / f"{role}-request.json"
@@ -413,8 +417,7 @@ def run_child(
     result_path.unlink(missing_ok=True)
     with stderr_path.open("w") as stderr:
         child = subprocess.Popen(
-            [sys.executable, "-m", "bench.train_step", "--child", role]
-            + [str(request_path), str(result_path)],
+            [sys.executable, "-m", module, "--child", role] + [str(request_path), str(result_path)],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env={**os.environ, "TQDM_DISABLE": "1"},
@@ -456,7 +459,9 @@ def wait_within_budget(child: subprocess.Popen, budget_bytes: int | None) -> str
 
 def prepare_data(request: dict[str, Any]) -> dict[str, Any]:
     """Dequantize the base (cached in the cache folder), pack the corpus into texts and
-    return them with the token sequences the A3X trainer builds from them."""
+    return them with the token sequences the A3X trainer builds from them.
+
+    The corpus is the request's "paragraphs" when given, else every domain corpus."""
     from transformers import AutoTokenizer
 
     from lora.tokenizing import tokenize
@@ -466,7 +471,8 @@ def prepare_data(request: dict[str, Any]) -> dict[str, Any]:
     folder = dequantized_folder(Path(request["model"]), Path(request["cache_dir"]))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     count, sequence = int(request["count"]), int(request["sequence"])
-    texts = pack_texts(tokenizer, corpus_paragraphs(), count, sequence)
+    found = request["paragraphs"] if "paragraphs" in request else corpus_paragraphs()
+    texts = pack_texts(tokenizer, found, count, sequence)
 
     # The A3X trainer's own tokenization, so the baseline trains on the same token ids.
     examples = [{"prompt": "", "completion": text} for text in texts]
