@@ -278,6 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     train_step.add_arguments(training_step)
     training_step.set_defaults(handler=train_step.command)
 
+    from bench import train as bench_train
+
+    training = bench_commands.add_parser(
+        "train",
+        help="plain PEFT fp32, PEFT bf16, NF4 QLoRA and A3X lean side by side: time per "
+        "step, peak RSS and held-out perplexity",
+    )
+    bench_train.add_arguments(training)
+    training.set_defaults(handler=bench_train.command)
+
     from bench import adapters as bench_adapters
 
     adapter_benchmark = bench_commands.add_parser(
