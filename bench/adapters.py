@@ -172,6 +172,7 @@ class PopulationResult:
     load: Latency
     combine: Latency | None  # None with fewer than 3 resident adapters
     route: Latency | None = None  # None when routing was not measured
+    route_embed: Latency | None = None  # the prompt embedding within each route sample
     # How many adapters each timed routing decision activated, in sample order.
     routed_counts: list[int] = field(default_factory=list)
 
@@ -187,6 +188,7 @@ class PopulationResult:
             "load": self.load.to_json(),
             "combine": self.combine.to_json() if self.combine else None,
             "route": self.route.to_json() if self.route else None,
+            "route_embed": self.route_embed.to_json() if self.route_embed else None,
             "routed_adapters": {
                 str(count): decisions for count, decisions in self.routed_histogram().items()
             },
@@ -414,6 +416,7 @@ def measure_population(
     if routes is not None:
         route = routes.route_for(paths)
         result.route = measure_route_and_activate(backend, route, routes.prompts, samples)
+        result.route_embed = route.embed
         result.routed_counts = route.counts
     return result
 
@@ -578,12 +581,29 @@ def routing_texts(books: Sequence[Path]) -> tuple[list[str], list[tuple[str, str
     return [task.prompt for task in book.tasks], texts
 
 
+class TimedEmbedder:
+    """An embedder that passes `encode` on and records the wall time of each call."""
+
+    def __init__(self, embedder: TextEmbedder):
+        self.embedder = embedder
+        self.dimension = embedder.dimension
+        self.latency = Latency()
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        started = time.perf_counter_ns()
+        vectors = self.embedder.encode(texts)
+        self.latency.samples_ms.append((time.perf_counter_ns() - started) / 1e6)
+        return vectors
+
+
 @dataclass
 class RecordingRoute:
-    """A route from prompt text to adapters that records how many each decision picked."""
+    """A route from prompt text to adapters that records how many each decision picked
+    and, in `embed`, how long embedding each prompt took."""
 
     router: Router
     paths: dict[str, Path]  # profile name -> adapter file
+    embed: Latency
     counts: list[int] = field(default_factory=list)
 
     def __call__(self, prompt: str) -> list[ActiveAdapter]:
@@ -629,8 +649,9 @@ class SyntheticRoutes:
             Profile(name, self.domains[index], self.vectors[index], SOURCE_TRAINING_SET, 1)
             for index, name in enumerate(names)
         ]
-        router = Router(profiles, self.embedder, RouterSettings())
-        return RecordingRoute(router, dict(zip(names, paths, strict=True)))
+        embedder = TimedEmbedder(self.embedder)
+        router = Router(profiles, embedder, RouterSettings())
+        return RecordingRoute(router, dict(zip(names, paths, strict=True)), embedder.latency)
 
 
 def _drop_page_cache(path: Path) -> None:
@@ -898,7 +919,11 @@ def _print_populations(populations: list[PopulationResult]) -> None:
             f"{decisions} picked {count}"
             for count, decisions in population.routed_histogram().items()
         )
-        print(f"routing decisions with {population.registered} registered: {picked}")
+        line = f"routing with {population.registered} registered: {picked}"
+        embed = population.route_embed
+        if embed is not None:
+            line += f"; embedding the prompt p50 {embed.p50:.3f} ms, p99 {embed.p99:.3f} ms"
+        print(line)
 
 
 def _pair(latency: Latency | None, width: int) -> str:

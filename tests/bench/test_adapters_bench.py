@@ -82,6 +82,11 @@ def test_routing_measured_per_population(tiny_result):
         assert 0 < population.route.p50 <= population.route.p99
         assert sum(population.routed_histogram().values()) == TINY.samples
         assert max(population.routed_counts) <= 2  # the default top_k
+        embed = population.route_embed
+        assert embed is not None
+        assert len(embed.samples_ms) == TINY.samples
+        # Each embedding is part of one route sample, so every percentile is lower too.
+        assert embed.p99 <= population.route.p99
     five = tiny_result.populations[1]
     assert max(five.routed_counts) > 0  # some prompts route to an adapter
 
