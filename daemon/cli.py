@@ -278,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
     train_step.add_arguments(training_step)
     training_step.set_defaults(handler=train_step.command)
 
+    from bench import lean_memory
+
+    lean_memory_parser = bench_commands.add_parser(
+        "lean-memory",
+        help="the lean trainer's memory planner against measured peaks, by batch and sequence",
+    )
+    lean_memory.add_arguments(lean_memory_parser)
+    lean_memory_parser.set_defaults(handler=lean_memory.command)
+
     from bench import train as bench_train
 
     training = bench_commands.add_parser(

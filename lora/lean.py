@@ -13,7 +13,8 @@ token (262,144 floats each, several copies). Here:
 - the loss is computed only for the tokens that have a label, chunk by chunk
   over the vocabulary (`lora/chunked_loss.py`), never as a full logits tensor;
 - compute runs in bfloat16 when the CPU has native bf16 instructions, in
-  float32 otherwise; the LoRA factors and their optimizer state stay float32.
+  float32 otherwise; the LoRA factors and their optimizer state stay float32
+  and are cast for each product, as under autocast.
 
 PEFT's LoRA layers wrap `torch.nn.Linear` and read its dense `weight`, which
 these layers do not have, so the LoRA factors live in `LoraLinear` below. The
@@ -36,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lora import LoraError
@@ -129,8 +131,13 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        update = self.lora_B(self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype))))
-        return result + (update * self.scaling).to(result.dtype)
+        # The update runs in the compute dtype, as under autocast: the float32 factors
+        # are cast for the product and their gradients come back in float32. A float32
+        # copy of every adapted layer's input would cost more than the factors.
+        dtype = result.dtype
+        hidden = F.linear(self.dropout(x.to(dtype)), self.lora_A.weight.to(dtype))
+        update = F.linear(hidden, self.lora_B.weight.to(dtype))
+        return result + update * self.scaling
 
 
 class LeanCausalLM(nn.Module):

@@ -164,3 +164,166 @@ def check_budget(plan: MemoryPlan, budget_bytes: int, batch: int, sequence: int)
         f"over the budget of {budget_bytes / gib:.2f} GiB; lower retrain.batch_size or "
         "retrain.max_sequence, or raise retrain.memory_budget_mb"
     )
+
+
+# The lean engine (lora/lean.py). Measured on x86_64 Linux, torch 2.13, transformers
+# 5.25, Gemma 3 270M, bf16, with the training child's fixed 4 MiB mmap threshold:
+# - after importing torch, transformers and the model classes: LEAN_IMPORTS_BYTES;
+# - the tokenizing child peaks at 723 MiB: TOKENIZER_IMPORTS_BYTES plus
+#   TOKENIZER_BYTES_PER_TOKEN per vocabulary entry;
+# - per token, activations kept for backward, in compute-dtype elements per unit of
+#   (hidden + intermediate) size: LEAN_ACTIVATION_FACTOR per decoder layer, or with
+#   checkpointing the layer inputs plus LEAN_CHECKPOINT_FACTOR for the one layer
+#   being recomputed;
+# - per token and per token of its sequence (attention masks and scores):
+#   LEAN_QUADRATIC_BYTES;
+# - BLAS and oneDNN buffers, autograd bookkeeping and what the allocator keeps:
+#   LEAN_SLACK_BYTES.
+# Fitted by least squares on 3-step runs at sequence lengths 128, 256, 512 and 1024,
+# batch 1 and 2, with and without checkpointing: every prediction is within 4% of
+# its measured peak (docs/lean-training.md has the table).
+LEAN_IMPORTS_BYTES = 376 * 2**20
+TOKENIZER_IMPORTS_BYTES = 263 * 2**20
+LEAN_ACTIVATION_FACTOR = 10.8
+LEAN_CHECKPOINT_FACTOR = 4.8
+LEAN_QUADRATIC_BYTES = 19.5
+LEAN_SLACK_BYTES = 128 * 2**20
+
+
+@dataclass(frozen=True)
+class LeanPlan:
+    """The lean engine's predicted peaks: the training process and, before it, the
+    short tokenizing process. Only one of them runs at a time."""
+
+    runtime_bytes: int
+    weights_bytes: int
+    lora_bytes: int
+    activation_bytes: int
+    loss_bytes: int
+    slack_bytes: int
+    tokenizer_bytes: int
+    checkpointing: bool
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.training_bytes, self.tokenizer_bytes)
+
+    @property
+    def training_bytes(self) -> int:
+        return (
+            self.runtime_bytes
+            + self.weights_bytes
+            + self.lora_bytes
+            + self.activation_bytes
+            + self.loss_bytes
+            + self.slack_bytes
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "training_bytes": self.training_bytes,
+            "peak_bytes": self.peak_bytes,
+        }
+
+
+def gguf_weight_bytes(gguf_path: Path, shape: ModelShape, dtype_bytes: int) -> int:
+    """Return the bytes the lean engine holds for the base: every 2-D tensor in its
+    GGUF type, and the norms (1-D) in the compute dtype."""
+    from runtime.gguf_file import inspect_gguf
+
+    total = 0
+    for tensor in inspect_gguf(gguf_path).tensors:
+        if len(tensor.shape) >= 2:
+            total += tensor.n_bytes
+        else:
+            total += int(tensor.shape[0]) * dtype_bytes
+    return total
+
+
+def plan_lean_memory(
+    shape: ModelShape,
+    weights_bytes: int,
+    rank: int,
+    targets: tuple[str, ...],
+    batch: int,
+    sequence: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+    loss_chunk: int = 8192,
+) -> LeanPlan:
+    tokens = batch * sequence
+    width = shape.hidden + shape.intermediate
+    if checkpointing:
+        per_token = (shape.layers * shape.hidden + LEAN_CHECKPOINT_FACTOR * width) * dtype_bytes
+    else:
+        per_token = shape.layers * LEAN_ACTIVATION_FACTOR * width * dtype_bytes
+    activations = tokens * per_token + tokens * sequence * LEAN_QUADRATIC_BYTES
+    # The chunked loss's working set (lora/chunked_loss.py), for every token as an
+    # upper bound, plus one dequantized vocabulary chunk in float32.
+    chunk = min(loss_chunk, shape.vocab)
+    loss = (
+        tokens * shape.hidden * (3 * FLOAT_BYTES + 2 * dtype_bytes)
+        + tokens * chunk * (2 * FLOAT_BYTES + dtype_bytes)
+        + chunk * shape.hidden * (FLOAT_BYTES + dtype_bytes)
+    )
+    return LeanPlan(
+        runtime_bytes=LEAN_IMPORTS_BYTES,
+        weights_bytes=weights_bytes,
+        lora_bytes=lora_parameter_count(shape, rank, targets) * FLOAT_BYTES * 4,
+        activation_bytes=int(activations),
+        loss_bytes=loss,
+        slack_bytes=LEAN_SLACK_BYTES,
+        tokenizer_bytes=TOKENIZER_IMPORTS_BYTES + shape.vocab * TOKENIZER_BYTES_PER_TOKEN,
+        checkpointing=checkpointing,
+    )
+
+
+def choose_lean_plan(
+    shape: ModelShape,
+    weights_bytes: int,
+    rank: int,
+    targets: tuple[str, ...],
+    batch: int,
+    sequence: int,
+    dtype_bytes: int,
+    checkpointing: str = "auto",
+) -> LeanPlan:
+    """Plan with and without gradient checkpointing and choose. "auto" checkpoints when
+    that lowers the predicted peak by more than CHECKPOINT_GAIN: on a CPU the
+    recomputed forward costs little next to the vocabulary-wide loss (measured: the
+    same CPU time per step on Gemma 3 270M, batch 2, sequence 256)."""
+    plans = {
+        flag: plan_lean_memory(
+            shape, weights_bytes, rank, targets, batch, sequence, dtype_bytes, flag
+        )
+        for flag in (False, True)
+    }
+    if checkpointing in ("on", "off"):
+        return plans[checkpointing == "on"]
+    saved = 1 - plans[True].peak_bytes / plans[False].peak_bytes
+    return plans[True] if saved > CHECKPOINT_GAIN else plans[False]
+
+
+CHECKPOINT_GAIN = 0.05
+
+
+def check_lean_budget(plan: LeanPlan, budget_bytes: int, batch: int, sequence: int) -> None:
+    """Raise MemoryBudgetError, with what to change, when a lean plan exceeds the budget."""
+    if plan.peak_bytes <= budget_bytes:
+        return
+    gib = 2**30
+    if plan.tokenizer_bytes > budget_bytes >= plan.training_bytes:
+        raise MemoryBudgetError(
+            f"tokenizing is predicted to peak at {plan.tokenizer_bytes / gib:.2f} GiB, over the "
+            f"budget of {budget_bytes / gib:.2f} GiB (the tokenizer's vocabulary sets this "
+            "peak); raise retrain.memory_budget_mb"
+        )
+    raise MemoryBudgetError(
+        f"training is predicted to peak at {plan.training_bytes / gib:.2f} GiB (weights "
+        f"{plan.weights_bytes / gib:.2f}, activations {plan.activation_bytes / gib:.2f}, loss "
+        f"{plan.loss_bytes / gib:.2f}, checkpointing {'on' if plan.checkpointing else 'off'}) "
+        f"with batch {batch} and sequence {sequence}, over the budget of "
+        f"{budget_bytes / gib:.2f} GiB; lower retrain.batch_size or retrain.max_sequence, or "
+        "raise retrain.memory_budget_mb"
+    )

@@ -39,7 +39,15 @@ from lora import LoraError
 from lora.child import TrainingFailed, run_training_child
 from lora.dataset import TrainingSet
 from lora.export import export_adapter
-from lora.memory_plan import MemoryBudgetError, check_budget, plan_memory, read_model_shape
+from lora.memory_plan import (
+    MemoryBudgetError,
+    check_budget,
+    check_lean_budget,
+    choose_lean_plan,
+    gguf_weight_bytes,
+    plan_memory,
+    read_model_shape,
+)
 from lora.registry import Adapter, AdapterRegistry, AdapterStatus
 from lora.trainer import TrainingSpec
 from runtime.backend import ActiveAdapter, Backend, SamplingParams
@@ -144,13 +152,8 @@ def _run(
     result: RoundResult,
 ) -> None:
     # Memory: predict the peak and refuse before anything starts
-    shape = read_model_shape(inputs.base_folder)
-    plan = plan_memory(
-        shape, settings.rank, settings.targets, settings.batch_size, settings.max_sequence
-    )
-    result.memory = {"predicted": plan.to_json(), "budget_bytes": settings.memory_budget_bytes}
     try:
-        check_budget(plan, settings.memory_budget_bytes, settings.batch_size, settings.max_sequence)
+        checkpointing = _plan_memory(inputs, settings, result)
     except MemoryBudgetError as error:
         result.outcome, result.message = "refused", str(error)
         return
@@ -165,7 +168,7 @@ def _run(
         {"reason": inputs.reason, "cycle": inputs.cycle, "dataset": result.dataset},
     )
     result.adapter = adapter.name
-    spec = _spec(inputs, settings, adapter)
+    spec = replace(_spec(inputs, settings, adapter), checkpointing=checkpointing)
     log.info(
         "retrain.training", domain=inputs.domain, adapter=adapter.name, examples=len(spec.examples)
     )
@@ -240,6 +243,28 @@ def write_routing_profile(adapter: Adapter, training_set: TrainingSet) -> None:
         )
     except (LoraError, EmbedderError, OSError) as error:
         log.error("retrain.profile_failed", adapter=adapter.name, error=str(error))
+
+
+def _plan_memory(inputs: RoundInputs, settings: RoundSettings, result: RoundResult) -> bool:
+    """Predict the round's peak memory, record it, and refuse over the budget; return
+    whether the lean engine should checkpoint."""
+    shape = read_model_shape(inputs.base_folder)
+    batch, sequence = settings.batch_size, settings.max_sequence
+    if settings.engine == "lean":
+        from lora.lean import compute_dtype
+
+        dtype_bytes = compute_dtype(settings.precision).itemsize
+        weights = gguf_weight_bytes(inputs.base_gguf, shape, dtype_bytes)
+        lean = choose_lean_plan(
+            shape, weights, settings.rank, settings.targets, batch, sequence, dtype_bytes
+        )
+        result.memory = {"predicted": lean.to_json(), "budget_bytes": settings.memory_budget_bytes}
+        check_lean_budget(lean, settings.memory_budget_bytes, batch, sequence)
+        return lean.checkpointing
+    plan = plan_memory(shape, settings.rank, settings.targets, batch, sequence)
+    result.memory = {"predicted": plan.to_json(), "budget_bytes": settings.memory_budget_bytes}
+    check_budget(plan, settings.memory_budget_bytes, batch, sequence)
+    return False
 
 
 def _spec(inputs: RoundInputs, settings: RoundSettings, adapter: Adapter) -> TrainingSpec:

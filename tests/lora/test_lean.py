@@ -258,3 +258,12 @@ def test_moved_gguf_is_recorded_as_the_source(tiny_gguf, model_cache, tmp_path):
     folder = dequantized_folder(moved, model_cache)
     assert json.loads((folder / "a3x-cache.json").read_text())["source"] == str(moved)
     dequantized_folder(tiny_gguf, model_cache)  # put the session's file back
+
+
+def test_lean_memory_bench_measures_and_predicts(tiny_gguf, model_cache):
+    from bench.lean_memory import measure
+
+    points = measure(tiny_gguf, model_cache, [1], [32], [True], steps=1)
+    (point,) = points
+    assert point.measured_bytes > 100 * 2**20  # a process with torch imported
+    assert point.predicted_bytes > 0 and point.tokenizer_measured_bytes > 0

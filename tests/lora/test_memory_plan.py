@@ -61,3 +61,60 @@ def test_over_budget_is_refused_with_fix(shape):
 def test_unknown_target_is_refused(shape):
     with pytest.raises(Exception, match="embed_tokens"):
         plan_memory(shape, 8, ("embed_tokens",), batch=1, sequence=64)
+
+
+# The default model's GGUF bytes as the lean engine holds them (Q4_K_M file: linear
+# layers and the Q8_0 embedding in their blocks, norms in bf16).
+GEMMA_LEAN_WEIGHTS = 246_476_032
+
+
+def lean_plan(shape, batch=2, sequence=256, checkpointing=True):
+    from lora.memory_plan import plan_lean_memory
+
+    return plan_lean_memory(
+        shape, GEMMA_LEAN_WEIGHTS, 8, TARGETS, batch, sequence, 2, checkpointing
+    )
+
+
+def test_lean_plan_terms_scale(shape):
+    short, long = lean_plan(shape, sequence=128), lean_plan(shape, sequence=1024)
+    assert long.activation_bytes > 8 * short.activation_bytes  # a quadratic part
+    assert long.weights_bytes == short.weights_bytes == GEMMA_LEAN_WEIGHTS
+    assert (
+        lean_plan(shape, checkpointing=False).activation_bytes > lean_plan(shape).activation_bytes
+    )
+    assert short.peak_bytes == max(short.training_bytes, short.tokenizer_bytes)
+
+
+def test_lean_plan_chooses_checkpointing_when_it_saves(shape):
+    from lora.memory_plan import choose_lean_plan
+
+    chosen = choose_lean_plan(shape, GEMMA_LEAN_WEIGHTS, 8, TARGETS, 2, 256, 2)
+    assert chosen.checkpointing
+    forced = choose_lean_plan(shape, GEMMA_LEAN_WEIGHTS, 8, TARGETS, 2, 256, 2, "off")
+    assert not forced.checkpointing
+
+
+def test_lean_budget_refusals_name_the_fix(shape):
+    from lora.memory_plan import check_lean_budget
+
+    plan = lean_plan(shape)
+    with pytest.raises(MemoryBudgetError, match="lower retrain.batch_size"):
+        check_lean_budget(plan, plan.training_bytes - 1, batch=2, sequence=256)
+    tiny_tokens = lean_plan(shape, batch=1, sequence=16)
+    if tiny_tokens.tokenizer_bytes > tiny_tokens.training_bytes:
+        with pytest.raises(MemoryBudgetError, match="tokenizing"):
+            check_lean_budget(tiny_tokens, tiny_tokens.training_bytes, batch=1, sequence=16)
+    check_lean_budget(plan, plan.peak_bytes, batch=2, sequence=256)
+
+
+def test_gguf_weight_bytes_counts_blocks(tiny_gguf, tmp_path):
+    from lora.memory_plan import gguf_weight_bytes
+    from runtime.gguf_file import inspect_gguf
+
+    info = inspect_gguf(tiny_gguf)
+    (tmp_path / "config.json").write_text(json.dumps(GEMMA_270M))
+    counted = gguf_weight_bytes(tiny_gguf, read_model_shape(tmp_path), 2)
+    matrices = sum(t.n_bytes for t in info.tensors if len(t.shape) >= 2)
+    vectors = sum(t.shape[0] for t in info.tensors if len(t.shape) == 1)
+    assert counted == matrices + 2 * vectors
