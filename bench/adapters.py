@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import zlib
@@ -835,6 +836,18 @@ def command(args: argparse.Namespace) -> int:
         budget_bytes=int(args.budget_mib * 2**20),
         route=args.route,
     )
+    if settings.route:
+        from bench.routing import shipped_books
+
+        profiles = len(routing_texts(shipped_books())[1])
+        if max(settings.counts) > profiles:
+            print(
+                f"a3x: error: --counts asks for {max(settings.counts)} registered adapters, but "
+                f"routing has only {profiles} profiles, one per training text of the shipped "
+                f"task books; give counts up to {profiles}, or pass --no-route",
+                file=sys.stderr,
+            )
+            return 2
     result = run_benchmark(model, threads, settings)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))

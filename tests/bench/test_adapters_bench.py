@@ -17,7 +17,7 @@ from bench.adapters import (
     write_synthetic_adapter,
 )
 from bench.routing import shipped_books
-from daemon.cli import build_parser
+from daemon.cli import build_parser, main
 from lora.gguf_adapter import check_fits_base, read_gguf_adapter
 from runtime.backend import ActiveAdapter
 from runtime.gguf_file import check_model_file
@@ -187,6 +187,15 @@ def test_command_line_parses_counts():
 def test_command_line_leaves_out_routing():
     args = build_parser().parse_args(["bench", "adapters", "--no-route"])
     assert args.route is False
+
+
+def test_command_line_rejects_too_many_routed(capsys):
+    _, texts = routing_texts(shipped_books())
+    too_many = str(len(texts) + 1)
+    assert main(["bench", "adapters", "--counts", f"1,{too_many}"]) == 2
+    error = capsys.readouterr().err
+    assert f"asks for {too_many} registered adapters" in error
+    assert "--no-route" in error
 
 
 @pytest.mark.parametrize("counts", ["1,x", "0,10", ""])
