@@ -85,6 +85,7 @@ class Side:
     engine: str  # TrainingSpec.engine, or "qlora" for the bitsandbytes child
     precision: str  # TrainingSpec.precision
     checkpointing: bool  # activation checkpointing
+    module_fraction: float = 1.0  # TrainingSpec.module_fraction: sparse updates below 1
 
 
 SIDES = (
@@ -92,6 +93,8 @@ SIDES = (
     Side("peft-bf16", "PEFT bf16", "peft", "bfloat16", False),
     Side(QLORA, "NF4 QLoRA", "qlora", "bfloat16", True),
     Side(LEAN, "A3X lean", "lean", "auto", True),
+    # Sparse updates: the half of the target layers with the largest probed impact.
+    Side("lean-sparse", "A3X lean, half the layers", "lean", "auto", True, 0.5),
 )
 SIDE_NAMES = tuple(side.name for side in SIDES)
 
@@ -532,6 +535,7 @@ def run_side(
         precision=side.precision,
         checkpointing=side.checkpointing,
         base_gguf=str(model) if side.engine == "lean" else "",
+        module_fraction=side.module_fraction,
     )
     if side.engine != "qlora":
         return run_trainer(side, spec, repeat, budget)

@@ -28,7 +28,7 @@ from knowledge.corpus import split_corpus
 CONFIG = BenchmarkConfig(
     steps=2, batch=2, sequence=64, rank=2, accumulation=1, learning_rate=3e-4, threads=1, repeats=1
 )
-MEASURED = (REFERENCE, "peft-bf16", LEAN)
+MEASURED = (REFERENCE, "peft-bf16", LEAN, "lean-sparse")
 MISSING = "bitsandbytes is not installed (test)"
 
 
