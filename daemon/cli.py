@@ -287,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     lean_memory.add_arguments(lean_memory_parser)
     lean_memory_parser.set_defaults(handler=lean_memory.command)
 
+    from bench import lean_compile
+
+    lean_compile_parser = bench_commands.add_parser(
+        "lean-compile", help="the lean trainer's step time, eager against torch.compile"
+    )
+    lean_compile.add_arguments(lean_compile_parser)
+    lean_compile_parser.set_defaults(handler=lean_compile.command)
+
     from bench import train as bench_train
 
     training = bench_commands.add_parser(

@@ -34,8 +34,8 @@ def load_tokenizer(base_folder: str) -> Any:
 
 
 def tokenize(spec: TrainingSpec, tokenizer: Any) -> list[Sequence]:
-    """Return (input ids, labels) per example; labels are -100 on the prompt, so the
-    loss covers the completion only, and the sequence is cut at max_sequence."""
+    """Return (input ids, labels) per example. Labels are -100 on the prompt, so the
+    loss covers the completion only. Sequences are cut at max_sequence."""
     rng = random.Random(spec.seed)
     sequences = []
     for example in spec.examples:

@@ -267,3 +267,11 @@ def test_lean_memory_bench_measures_and_predicts(tiny_gguf, model_cache):
     (point,) = points
     assert point.measured_bytes > 100 * 2**20  # a process with torch imported
     assert point.predicted_bytes > 0 and point.tokenizer_measured_bytes > 0
+
+
+def test_lean_compile_bench_runs_both_sides(base_folder):
+    from bench.lean_compile import measure
+
+    result = measure(base_folder, TINY_GGUF, steps=3, batch=1, sequence=16, threads=1)
+    assert len(result["eager"]) == len(result["compiled"]) == 3
+    assert result["ratio"] > 0
