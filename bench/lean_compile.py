@@ -64,7 +64,7 @@ def measure(
         torch.manual_seed(0)
         lean = build_lean_model(folder, LeanSettings(dropout=0.0, checkpointing=True), model)
         if side == "compiled":
-            layers = lean.decoder.layers
+            layers: Any = lean.decoder.layers  # a ModuleList
             for index, layer in enumerate(layers):
                 layers[index] = torch.compile(layer)
         trainable = [p for p in lean.parameters() if p.requires_grad]
