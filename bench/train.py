@@ -4,13 +4,15 @@ by side in one run.
 Every side trains the same LoRA adapter (rank, alpha, no dropout, q/k/v/o projections)
 on the same packed token sequences of the almanac corpus's training split. The optimizer
 settings are the same too: AdamW at a fixed learning rate, cosine decay after the same
-warm-up, clipping, seed and threads. Three sides are configurations of A3X's own training loop
-(`lora.trainer`, run by `lora.child.run_training_child`):
+warm-up, clipping, seed and threads. Four sides are configurations of A3X's own training
+loop (`lora.trainer`, run by `lora.child.run_training_child`):
 
 - "peft-fp32": a PEFT model on the float32 dequantized base;
 - "peft-bf16": the same with the frozen base in bfloat16;
 - "lean": the GGUF base kept quantized, the vocabulary-chunked loss and activation
-  checkpointing (`lora.lean`).
+  checkpointing (`lora.lean`);
+- "lean-sparse": lean with LoRA on the half of the target layers that a short probe
+  finds most affected (sparse updates).
 
 The "nf4-qlora" side is the PEFT QLoRA recipe: the dequantized base re-quantized to NF4
 by bitsandbytes with bfloat16 compute, `prepare_model_for_kbit_training` (which turns on
@@ -63,6 +65,9 @@ CORPUS_DOMAIN = "almanac"  # invented facts about an island nation, unseen by an
 REFERENCE = "peft-fp32"  # the side every ratio and perplexity comparison divides by
 LEAN = "lean"
 QLORA = "nf4-qlora"
+# A run that ends at a 1-minute load average above its own threads plus this margin
+# shared the CPU with other processes.
+LOAD_MARGIN = 1.0
 NOISE_Z = 2.0  # standard errors of the paired differences within which two sides match
 INSTALL_HINT = "install it with `pip install 'bitsandbytes>=0.45'` or `pip install -e '.[bench]'`"
 
@@ -97,6 +102,7 @@ SIDES = (
     Side("lean-sparse", "A3X lean, half the layers", "lean", "auto", True, 0.5),
 )
 SIDE_NAMES = tuple(side.name for side in SIDES)
+WIDTH = max(len(name) for name in SIDE_NAMES)  # of the side column in the report
 
 
 def side_named(name: str) -> Side:
@@ -399,6 +405,13 @@ def print_report(result: TrainBenchmark) -> None:
         "never trained on"
     )
     print_runs(result)
+    for index, run in enumerate(result.runs, start=1):
+        if run.load_average > config.threads + LOAD_MARGIN:
+            print(
+                f"warning: run {index} ({run.side}) ended at a load average of "
+                f"{run.load_average:.1f} with {config.threads} training threads, so other "
+                "processes competed for the CPU and its time per step is not reliable"
+            )
     print()
     print_summary(result, base)
     print()
@@ -409,12 +422,12 @@ def print_report(result: TrainBenchmark) -> None:
 
 def print_runs(result: TrainBenchmark) -> None:
     print(
-        f"{'run':>3}  {'side':<10}  {'s/step':>7}  {'peak RSS MiB':>12}  "
+        f"{'run':>3}  {'side':<{WIDTH}}  {'s/step':>7}  {'peak RSS MiB':>12}  "
         f"{'last-step loss':>14}  {'load avg':>8}"
     )
     for index, run in enumerate(result.runs, start=1):
         print(
-            f"{index:>3}  {run.side:<10}  {run.seconds_per_step:>7.3f}  "
+            f"{index:>3}  {run.side:<{WIDTH}}  {run.seconds_per_step:>7.3f}  "
             f"{run.peak_rss_bytes / 2**20:>12.0f}  {run.last_loss:>14.4f}  "
             f"{run.load_average:>8.1f}"
         )
@@ -422,21 +435,21 @@ def print_runs(result: TrainBenchmark) -> None:
 
 def print_summary(result: TrainBenchmark, base: HeldOut) -> None:
     print(
-        f"{'side':<10}  {'s/step':>7}  {'x fp32':>6}  {'peak RSS MiB':>12}  {'x fp32':>6}  "
+        f"{'side':<{WIDTH}}  {'s/step':>7}  {'x fp32':>6}  {'peak RSS MiB':>12}  {'x fp32':>6}  "
         f"{'held-out ppl +/- SE':>19}  {'vs fp32 (noise band)':>21}"
     )
     print(
-        f"{'base':<10}  {'-':>7}  {'-':>6}  {'-':>12}  {'-':>6}  "
+        f"{'base':<{WIDTH}}  {'-':>7}  {'-':>6}  {'-':>12}  {'-':>6}  "
         f"{base.perplexity:>10.3f} +/- {base.standard_error:<5.3f}"
     )
     for side in result.sides:
         if side in result.skipped:
-            print(f"{side:<10}  skipped: {result.skipped[side]}")
+            print(f"{side:<{WIDTH}}  skipped: {result.skipped[side]}")
             continue
         row = result.summary(side)
         versus = f"{row.comparison.change:+.2%} (+/-{row.comparison.noise:.2%})"
         print(
-            f"{side:<10}  {row.seconds_per_step:>7.3f}  {row.seconds_ratio:>6.3f}  "
+            f"{side:<{WIDTH}}  {row.seconds_per_step:>7.3f}  {row.seconds_ratio:>6.3f}  "
             f"{row.peak_rss_bytes / 2**20:>12.0f}  {row.rss_ratio:>6.3f}  "
             f"{row.perplexity:>10.3f} +/- {row.perplexity_standard_error:<5.3f}  {versus:>21}"
         )
