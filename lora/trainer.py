@@ -32,6 +32,7 @@ log = structlog.get_logger(__name__)
 TRAINING_CONFIG_FILE = "a3x-training.json"
 TRAINING_CONFIG_VERSION = 1
 ENGINES = ("lean", "peft")
+PAD_MULTIPLE = 32  # lean engine: batch widths are rounded up to this many tokens
 
 
 class TrainingError(LoraError):
@@ -177,6 +178,17 @@ def train(
     return result
 
 
+def _pad_multiple(spec: TrainingSpec) -> int:
+    """Pad each lean batch to a multiple of PAD_MULTIPLE tokens.
+
+    oneDNN and the attention kernels keep per-shape state. With every batch a
+    new length, the lean child's peak grew by about 15 MiB a step on Gemma 3
+    270M (915 to 1,491 MiB over 40 steps of 16 to 128 tokens); padded to
+    multiples of 32 it stayed at 790 MiB. Padding is masked out of attention
+    and loss, so the result does not change."""
+    return PAD_MULTIPLE if spec.engine == "lean" else 1
+
+
 def _load_lean(spec: TrainingSpec) -> Any:
     from lora.lean import LeanSettings, build_lean_model
 
@@ -203,7 +215,9 @@ def _choose_modules(
     total = len(model.lora_modules())
     if spec.module_fraction >= 1:
         return {}, total
-    batches = _batches(sequences, spec.batch_size, pad_id, random.Random(spec.seed + 3))
+    batches = _batches(
+        sequences, spec.batch_size, pad_id, random.Random(spec.seed + 3), _pad_multiple(spec)
+    )
     impact = model.probe_impact(batches, spec.probe_batches)
     keep_count = max(1, math.ceil(total * spec.module_fraction))
     keep = sorted(impact, key=impact.__getitem__, reverse=True)[:keep_count]
@@ -232,7 +246,9 @@ def _load(spec: TrainingSpec) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _batches(sequences: list[Sequence], size: int, pad_id: int, rng: random.Random) -> Any:
+def _batches(
+    sequences: list[Sequence], size: int, pad_id: int, rng: random.Random, multiple: int = 1
+) -> Any:
     import torch
 
     order = list(range(len(sequences)))
@@ -241,6 +257,7 @@ def _batches(sequences: list[Sequence], size: int, pad_id: int, rng: random.Rand
         for start in range(0, len(order) - size + 1 if len(order) >= size else 1, size):
             chosen = [sequences[i] for i in order[start : start + size]]
             width = max(len(ids) for ids, _ in chosen)
+            width = -(-width // multiple) * multiple  # padded positions carry no loss
             ids = torch.full((len(chosen), width), pad_id, dtype=torch.long)
             labels = torch.full((len(chosen), width), -100, dtype=torch.long)  # padding: no loss
             mask = torch.zeros((len(chosen), width), dtype=torch.long)
@@ -276,7 +293,9 @@ def _train_loop(
     schedule = get_cosine_schedule_with_warmup(
         optimizer, max(1, int(steps * spec.warmup_fraction)), steps
     )
-    batches = _batches(sequences, spec.batch_size, pad_id, random.Random(spec.seed + 1))
+    batches = _batches(
+        sequences, spec.batch_size, pad_id, random.Random(spec.seed + 1), _pad_multiple(spec)
+    )
     recent_losses: list[float] = []
     recent_norms: list[float] = []
     bar = _progress_bar(steps)
@@ -340,7 +359,9 @@ def _range_test(
     parameters = [p for p in model.parameters() if p.requires_grad]
     low, high, count = 1e-5, 1e-2, 12
     optimizer = torch.optim.AdamW(parameters, lr=low)
-    batches = _batches(sequences, spec.batch_size, pad_id, random.Random(spec.seed + 2))
+    batches = _batches(
+        sequences, spec.batch_size, pad_id, random.Random(spec.seed + 2), _pad_multiple(spec)
+    )
     sweep: list[tuple[float, float]] = []
     smoothed = None
     for index in range(count):

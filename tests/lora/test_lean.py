@@ -275,3 +275,25 @@ def test_lean_compile_bench_runs_both_sides(base_folder):
     result = measure(base_folder, TINY_GGUF, steps=3, batch=1, sequence=16, threads=1)
     assert len(result["eager"]) == len(result["compiled"]) == 3
     assert result["ratio"] > 0
+
+
+def test_padding_to_a_multiple_keeps_the_loss(base_folder):
+    import random
+
+    spec = spec_for(base_folder, Path("unused"))
+    tokenizer = load_tokenizer(str(base_folder))
+    sequences = tokenize(spec, tokenizer)
+    pad = tokenizer.pad_token_id
+    tight = next(_batches(sequences, 4, pad, random.Random(0)))
+    padded = next(_batches(sequences, 4, pad, random.Random(0), multiple=32))
+    assert (
+        padded.input_ids.shape[1] % 32 == 0 and padded.input_ids.shape[1] > tight.input_ids.shape[1]
+    )
+
+    model = lean(base_folder)
+    randomize_lora(model)
+    with torch.no_grad():
+        losses = [
+            float(model(b.input_ids, b.attention_mask, b.labels).loss) for b in (tight, padded)
+        ]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
