@@ -94,8 +94,8 @@ class RetrainConfig:
     regressed_cycles: int = 3
     every_cycles: int = 0  # also retrain each domain every N cycles (0: off)
     memory_budget_mb: int = 4096  # predicted peak RSS of training may not exceed this
-    # "lean": LoRA on the GGUF base kept quantized, bf16 where the CPU has it, chunked
-    # loss (about 1 GB); "peft": PEFT on the base dequantized to float32 (about 4 GB).
+    # "lean" trains on the GGUF base kept quantized, in bf16 where the CPU has it (about
+    # 1 GB). "peft" trains PEFT on the base dequantized to float32 (about 4 GB).
     engine: str = "lean"
     precision: str = "auto"  # lean: "auto" (bf16 on CPUs with native bf16) or "float32"
     # lean: share of the target layers trained, the most affected first (sparse updates)

@@ -78,7 +78,7 @@ def allocator_settings(spec: TrainingSpec) -> dict[str, str]:
     kernel, but it raises that threshold to the size of each such block it
     frees (up to 32 MiB). The lean trainer frees many blocks of 1 to 20 MiB per
     step (vocabulary chunks, dequantized layers), so after the first step they
-    come from the heap, which fragments: on Gemma 3 270M, batch 2, sequence
+    come from the heap, which fragments. On Gemma 3 270M, batch 2, sequence
     256, the peak grew from 874 to 1,047 MiB by the second step. A fixed 4 MiB
     threshold keeps the peak at 862 MiB for about 17% more CPU time per step
     (a 1 MiB threshold: 780 MiB, but 60% more). A variable the user already

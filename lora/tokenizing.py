@@ -1,6 +1,6 @@
 """Turning training examples into token ids, in-process or in a short child process.
 
-Gemma 3's tokenizer holds a 262,144-entry vocabulary: loading it raises a
+Gemma 3's tokenizer has a 262,144-entry vocabulary: loading it raises a
 process's resident memory by 300-480 MB, and glibc keeps much of that after
 the tokenizer is freed. The lean trainer therefore tokenizes in a child
 (`python -m lora.tokenizing SPEC.json OUT.json`) that exits before the model

@@ -66,8 +66,8 @@ class TrainingSpec:
     # "lean": quantized frozen GGUF base, chunked loss (lora/lean.py); "peft": float32 PEFT
     engine: str = "lean"
     base_gguf: str = ""  # lean only: the GGUF file of base_folder (empty: the recorded one)
-    # "auto": bf16 on CPUs with native bf16 for lean, float32 for peft; or "bfloat16",
-    # "float32" (for peft: the dtype of the frozen base; LoRA factors stay float32)
+    # "auto" means bf16 for lean on CPUs with native bf16, and float32 for peft. For peft,
+    # the precision is the dtype of the frozen base. LoRA factors stay float32.
     precision: str = "auto"
     checkpointing: bool = False  # lean only: recompute activations in backward
     loss_chunk: int = 8192  # lean only: vocabulary rows per chunk of the loss
@@ -183,8 +183,8 @@ def _pad_multiple(spec: TrainingSpec) -> int:
 
     oneDNN and the attention kernels keep per-shape state. With every batch a
     new length, the lean child's peak grew by about 15 MiB a step on Gemma 3
-    270M (915 to 1,491 MiB over 40 steps of 16 to 128 tokens); padded to
-    multiples of 32 it stayed at 790 MiB. Padding is masked out of attention
+    270M (915 to 1,491 MiB over 40 steps of 16 to 128 tokens). Padded to
+    multiples of 32, it stayed at 790 MiB. Padding is masked out of attention
     and loss, so the result does not change."""
     return PAD_MULTIPLE if spec.engine == "lean" else 1
 

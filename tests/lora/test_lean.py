@@ -185,7 +185,8 @@ def test_train_with_sparse_updates_end_to_end(base_folder, tmp_path):
     spec = spec_for(base_folder, tmp_path / "out", module_fraction=0.5, probe_batches=2)
     result = train(spec)
 
-    assert result.engine == "lean" and result.precision == "float32"
+    assert result.engine == "lean"
+    assert result.precision == "float32"
     assert (result.modules_total, result.modules_trained) == (8, 4)
     assert len(result.module_impact) == 8
     assert result.tokenizer_peak_rss_bytes > 0
@@ -246,8 +247,10 @@ def test_lean_training_in_a_child(base_folder, tmp_path):
 
     spec = spec_for(base_folder, tmp_path / "child")
     result = run_training_child(spec, 4 * 2**30)
-    assert result.engine == "lean" and result.steps == 2
-    assert result.peak_rss_bytes > 0 and result.tokenizer_peak_rss_bytes > 0
+    assert result.engine == "lean"
+    assert result.steps == 2
+    assert result.peak_rss_bytes > 0
+    assert result.tokenizer_peak_rss_bytes > 0
     assert allocator_settings(spec) == {"MALLOC_MMAP_THRESHOLD_": str(4 * 2**20)}
     assert allocator_settings(spec_for(base_folder, tmp_path, engine="peft")) == {}
 
@@ -266,7 +269,8 @@ def test_lean_memory_bench_measures_and_predicts(tiny_gguf, model_cache):
     points = measure(tiny_gguf, model_cache, [1], [32], [True], steps=1)
     (point,) = points
     assert point.measured_bytes > 100 * 2**20  # a process with torch imported
-    assert point.predicted_bytes > 0 and point.tokenizer_measured_bytes > 0
+    assert point.predicted_bytes > 0
+    assert point.tokenizer_measured_bytes > 0
 
 
 def test_lean_compile_bench_runs_both_sides(base_folder):
