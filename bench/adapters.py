@@ -588,6 +588,7 @@ class TimedEmbedder:
     def __init__(self, embedder: TextEmbedder):
         self.embedder = embedder
         self.dimension = embedder.dimension
+        self.identity = embedder.identity
         self.latency = Latency()
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -687,17 +688,19 @@ def run_benchmark(
 ) -> AdapterBenchmark:
     """Run every measurement on one backend over adapters in a temporary folder.
 
-    With `settings.route`, prompts are embedded by `embedder`, by default
-    MiniLM with `threads` torch threads.
+    With `settings.route`, prompts are embedded by `embedder`, by default the
+    router's MiniLM (int8, 128 word pieces) with `threads` torch threads.
     """
     from runtime.llama_cpp_backend import LlamaCppBackend
 
     routes = None
     if settings.route:
         from bench.routing import shipped_books
-        from knowledge.embed import Embedder
+        from knowledge.embed import ROUTING_MAX_TOKENS, Embedder
 
-        embedder = embedder or Embedder(threads=threads)
+        embedder = embedder or Embedder(
+            threads=threads, max_tokens=ROUTING_MAX_TOKENS, quantized=True
+        )
         routes = SyntheticRoutes(embedder, shipped_books(), max(settings.counts))
     backend = LlamaCppBackend(
         model, n_ctx=settings.n_ctx, threads=threads, adapter_budget_bytes=settings.budget_bytes

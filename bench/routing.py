@@ -18,6 +18,12 @@ A prompt counts as correct when its nearest profile is its own domain's. The
 report also gives the similarity to the own profile and to the best other
 profile, which is what the `[routing] floor` default was read from.
 
+Accuracy is measured with two embedders: the router's (int8, 128 word
+pieces; knowledge/embed.py) and, as the baseline, the evaluators' float32
+embedder at 256 word pieces, which routed before. Their speed is measured side
+by side: each prompt is embedded alone by one and then the other, for a
+few rounds, and the report gives p50 and p99 per prompt and their ratio.
+
 Last, it routes the prompts with the default `[routing]` settings twice,
 without a policy and with the specialization policy. The policy assumes
 gate records in which every adapter beats the base on its own domain only,
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -82,6 +89,7 @@ class MemoEmbedder:
     def __init__(self, embedder: TextEmbedder):
         self.embedder = embedder
         self.dimension = embedder.dimension
+        self.identity = embedder.identity
         self._vectors: dict[str, np.ndarray] = {}
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
@@ -256,6 +264,45 @@ def _quantiles(values: list[float]) -> dict[str, float]:
     }
 
 
+@dataclass(frozen=True)
+class EmbeddingSpeed:
+    """Wall time of embedding one prompt alone, per embedder, over the same prompts."""
+
+    embedders: tuple[str, ...]  # identities, the first is the router's
+    samples_ms: tuple[tuple[float, ...], ...]  # per embedder
+
+    def quantile(self, index: int, q: float) -> float:
+        return float(np.quantile(np.asarray(self.samples_ms[index]), q))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            name: {
+                "p50_ms": round(self.quantile(index, 0.5), 2),
+                "p99_ms": round(self.quantile(index, 0.99), 2),
+                "samples": len(self.samples_ms[index]),
+            }
+            for index, name in enumerate(self.embedders)
+        }
+
+
+def embedding_speed(
+    prompts: Sequence[str], embedders: Sequence[TextEmbedder], rounds: int
+) -> EmbeddingSpeed:
+    """Embed each prompt alone with every embedder in turn, `rounds` times over."""
+    for embedder in embedders:
+        embedder.encode(prompts[:1])  # warm-up: the first call allocates the work buffers
+    samples: list[list[float]] = [[] for _ in embedders]
+    for _ in range(rounds):
+        for prompt in prompts:
+            for index, embedder in enumerate(embedders):
+                started = time.perf_counter_ns()
+                embedder.encode([prompt])
+                samples[index].append((time.perf_counter_ns() - started) / 1e6)
+    return EmbeddingSpeed(
+        tuple(embedder.identity for embedder in embedders), tuple(map(tuple, samples))
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
@@ -269,36 +316,59 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_FLOOR,
         help=f"cosine similarity floor (default: {DEFAULT_FLOOR}, as [routing] floor)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="times each prompt is embedded per embedder for the speed table (default: 3)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
 def command(args: argparse.Namespace) -> int:
     from bench.generate import machine_description
-    from knowledge.embed import shared_embedder
+    from daemon.taskbook import load_books
+    from knowledge.embed import routing_embedder, shared_embedder
 
-    embedder = MemoEmbedder(shared_embedder())
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds} is not positive; give 1 or more")
+    books = shipped_books()
+    router_embedder, baseline = routing_embedder(), shared_embedder()
     kinds = PROFILE_KINDS if args.profile == "all" else (args.profile,)
-    results = [routing_accuracy(shipped_books(), embedder, kind, args.floor) for kind in kinds]
+    results = {}
+    for embedder in (router_embedder, baseline):
+        memo = MemoEmbedder(embedder)
+        results[embedder.identity] = [
+            routing_accuracy(books, memo, kind, args.floor) for kind in kinds
+        ]
     settings = RouterSettings(floor=args.floor)
-    effects = policy_effect(shipped_books(), embedder, settings)
+    effects = policy_effect(books, MemoEmbedder(router_embedder), settings)
+    prompts = [task.prompt for task in load_books(books).tasks]
+    speed = embedding_speed(prompts, [router_embedder, baseline], args.rounds)
     if args.json:
         print(
             json.dumps(
                 {
-                    "accuracy": [r.to_json() for r in results],
+                    "accuracy": {
+                        name: [r.to_json() for r in rows] for name, rows in results.items()
+                    },
                     "policy": [e.to_json() for e in effects],
                     "settings": asdict(settings),
+                    "embedding_speed": speed.to_json(),
                 },
                 indent=2,
             )
         )
         return 0
     print(f"machine: {machine_description()}")
-    for result in results:
-        print(_format(result))
+    for name, rows in results.items():
+        role = "router" if name == router_embedder.identity else "baseline"
+        print(f"embedder {name} ({role}):")
+        for result in rows:
+            print(_format(result))
     print(
         f"routing with book profiles, top_k {settings.top_k}, floor {settings.floor:g}, "
-        f"temperature {settings.temperature:g}:"
+        f"temperature {settings.temperature:g}, embedder {router_embedder.identity}:"
     )
     for effect in effects:
         print(
@@ -307,6 +377,15 @@ def command(args: argparse.Namespace) -> int:
             f"{effect.with_other} given another domain's adapter, total weight "
             f"{effect.other_weight:.2f}"
         )
+    print(f"embedding one prompt, ms, {len(prompts)} prompts x {args.rounds} rounds:")
+    for index, name in enumerate(speed.embedders):
+        print(
+            f"  {name}: p50 {speed.quantile(index, 0.5):.1f}, p99 {speed.quantile(index, 0.99):.1f}"
+        )
+    print(
+        f"  ratio router/baseline: p50 {speed.quantile(0, 0.5) / speed.quantile(1, 0.5):.2f}, "
+        f"p99 {speed.quantile(0, 0.99) / speed.quantile(1, 0.99):.2f}"
+    )
     return 0
 
 

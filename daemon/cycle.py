@@ -177,10 +177,10 @@ class Agent:
     def router(self, serving: dict[str, Adapter]) -> Router:
         """Build the prompt router over the serving adapters' profiles. An adapter whose
         profile cannot be built is left out of routing, with an error in the log."""
-        from knowledge.embed import shared_embedder
+        from knowledge.embed import routing_embedder
         from lora.router import Router, RouterSettings, book_groups, ensure_profile
 
-        embedder = shared_embedder()
+        embedder = routing_embedder()
 
         def groups(domain: str) -> list[list[str]]:
             tasks = [task for task in self.book.tasks if task.domain == domain]

@@ -234,12 +234,12 @@ def _run(
 def write_routing_profile(adapter: Adapter, training_set: TrainingSet) -> None:
     """Store the accepted adapter's routing profile from its training texts. A failure
     costs only the profile: the router builds it from the task book on first use."""
-    from knowledge.embed import EmbedderError, shared_embedder
+    from knowledge.embed import EmbedderError, routing_embedder
     from lora.router import SOURCE_TRAINING_SET, build_profile, training_groups
 
     try:
         build_profile(
-            adapter, training_groups(training_set.train), shared_embedder(), SOURCE_TRAINING_SET
+            adapter, training_groups(training_set.train), routing_embedder(), SOURCE_TRAINING_SET
         )
     except (LoraError, EmbedderError, OSError) as error:
         log.error("retrain.profile_failed", adapter=adapter.name, error=str(error))

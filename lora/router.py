@@ -9,9 +9,12 @@ routed on. On the shipped books, pooling every text routed 49 of 60 prompts
 to their domain, and averaging the groups routed 58 (docs/routing.md).
 
 A retraining round writes the profile as `profile.npy` in the version
-folder when it accepts the adapter. For an older version it is
-built on first use from the task book: the domain's prompts of tasks that are
-not held out and its corpus training paragraphs, the texts its training set
+folder when it accepts the adapter, with the texts it averages in
+`profile_texts.json` and, in `profile.json`, the embedder that made it. A
+profile made by another embedder (another precision or input length) is
+built again from the stored texts. For a version without texts it is built
+on first use from the task book: the domain's prompts of tasks that are not
+held out and its corpus training paragraphs, the texts its training set
 drew on.
 
 `Router.route(prompt, domain)` embeds the prompt, searches a FAISS
@@ -49,9 +52,12 @@ log = structlog.get_logger(__name__)
 
 PROFILE_FILE = "profile.npy"
 PROFILE_INFO_FILE = "profile.json"
+PROFILE_TEXTS_FILE = "profile_texts.json"
 PROFILE_FORMAT_VERSION = 1
 SOURCE_TRAINING_SET = "training set"
 SOURCE_TASK_BOOK = "task book"
+# The embedder of profiles written before profile.json named one.
+LEGACY_EMBEDDER = "all-MiniLM-L6-v2 float32 256"
 
 # (adapter name, task domain) -> (allowed, reason)
 Policy = Callable[[str, str], tuple[bool, str]]
@@ -61,6 +67,7 @@ class TextEmbedder(Protocol):
     """The part of knowledge.embed.Embedder that the router uses."""
 
     dimension: int
+    identity: str  # names the model and settings; profiles of another identity are rebuilt
 
     def encode(self, texts: Sequence[str]) -> np.ndarray: ...
 
@@ -108,17 +115,24 @@ def training_groups(examples: Sequence[Any]) -> list[list[str]]:
 def build_profile(
     adapter: Adapter, groups: Sequence[Sequence[str]], embedder: TextEmbedder, source: str
 ) -> Profile:
-    """Embed the groups of texts, write the profile to the version folder and return it."""
+    """Embed the groups of texts, write the profile and its texts to the version
+    folder and return it."""
     vector = profile_vector(groups, embedder)
     texts = sum(len(group) for group in groups)
-    _write_profile(adapter.folder, vector, source, texts)
-    log.info("routing.profile_built", adapter=adapter.name, source=source, texts=texts)
+    _write_profile(adapter.folder, vector, source, texts, embedder.identity, groups)
+    log.info(
+        "routing.profile_built",
+        adapter=adapter.name,
+        source=source,
+        texts=texts,
+        embedder=embedder.identity,
+    )
     return Profile(adapter.name, adapter.domain, vector, source, texts)
 
 
-def read_profile(adapter: Adapter, dimension: int) -> Profile | None:
-    """Return the stored profile, or None when it is missing, unreadable or of another
-    embedding dimension (then it is built again)."""
+def read_profile(adapter: Adapter, embedder: TextEmbedder) -> Profile | None:
+    """Return the stored profile, or None when it is missing, unreadable, or made by
+    another embedder or of another dimension (then it is built again)."""
     path = adapter.folder / PROFILE_FILE
     info_path = adapter.folder / PROFILE_INFO_FILE
     if not path.exists() or not info_path.exists():
@@ -129,12 +143,19 @@ def read_profile(adapter: Adapter, dimension: int) -> Profile | None:
     except (OSError, ValueError) as error:
         log.warning("routing.profile_unreadable", adapter=adapter.name, error=str(error))
         return None
-    if info.get("format_version") != PROFILE_FORMAT_VERSION or vector.shape != (dimension,):
-        log.warning(
+    made_by = info.get("embedder", LEGACY_EMBEDDER)
+    if (
+        info.get("format_version") != PROFILE_FORMAT_VERSION
+        or vector.shape != (embedder.dimension,)
+        or made_by != embedder.identity
+    ):
+        log.info(
             "routing.profile_outdated",
             adapter=adapter.name,
             shape=list(vector.shape),
             format_version=info.get("format_version"),
+            embedder=made_by,
+            wanted=embedder.identity,
         )
         return None
     return Profile(
@@ -142,25 +163,64 @@ def read_profile(adapter: Adapter, dimension: int) -> Profile | None:
     )
 
 
+def read_profile_texts(adapter: Adapter) -> tuple[str, list[list[str]]] | None:
+    """Return the source and groups of texts a stored profile was built from, or None
+    when the version has none (written before texts were stored) or they are unreadable."""
+    texts_path = adapter.folder / PROFILE_TEXTS_FILE
+    if not texts_path.exists():
+        return None
+    try:
+        stored = json.loads(texts_path.read_text())
+        groups = [[str(text) for text in group] for group in stored["groups"]]
+        return str(stored["source"]), groups
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        log.warning("routing.profile_texts_unreadable", adapter=adapter.name, error=str(error))
+        return None
+
+
 def ensure_profile(
     adapter: Adapter,
     embedder: TextEmbedder,
     fallback_groups: Callable[[str], Sequence[Sequence[str]]],
 ) -> Profile:
-    """Return the adapter's stored profile, building it from `fallback_groups(domain)`
-    (the task book's texts of the domain) when the version has none."""
-    stored = read_profile(adapter, embedder.dimension)
+    """Return the adapter's profile for this embedder: the stored one, else one built
+    from the stored texts, else from `fallback_groups(domain)` (the task book's texts
+    of the domain)."""
+    stored = read_profile(adapter, embedder)
     if stored is not None:
         return stored
+    texts = read_profile_texts(adapter)
+    if texts is not None:
+        source, groups = texts
+        return build_profile(adapter, groups, embedder, source)
     return build_profile(adapter, fallback_groups(adapter.domain), embedder, SOURCE_TASK_BOOK)
 
 
-def _write_profile(folder: Path, vector: np.ndarray, source: str, texts: int) -> None:
-    info = {"format_version": PROFILE_FORMAT_VERSION, "source": source, "texts": texts}
+def _write_profile(
+    folder: Path,
+    vector: np.ndarray,
+    source: str,
+    texts: int,
+    embedder: str,
+    groups: Sequence[Sequence[str]],
+) -> None:
+    info = {
+        "format_version": PROFILE_FORMAT_VERSION,
+        "source": source,
+        "texts": texts,
+        "embedder": embedder,
+    }
+    stored = {"source": source, "groups": [list(group) for group in groups]}
+    # The texts go first: a profile.json that names this embedder is then never
+    # left beside texts of an older profile.
+    _write_json(folder / PROFILE_TEXTS_FILE, stored)
     _replace_atomically(folder / PROFILE_FILE, lambda stream: np.save(stream, vector))
-    _replace_atomically(
-        folder / PROFILE_INFO_FILE, lambda stream: stream.write(json.dumps(info).encode())
-    )
+    _write_json(folder / PROFILE_INFO_FILE, info)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    data = json.dumps(value, ensure_ascii=False).encode()
+    _replace_atomically(path, lambda stream: stream.write(data))
 
 
 def _replace_atomically(path: Path, write: Callable[[Any], Any]) -> None:

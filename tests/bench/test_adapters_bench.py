@@ -41,9 +41,9 @@ TINY = BenchSettings(
 
 @pytest.fixture(scope="module")
 def embedder():
-    from knowledge.embed import shared_embedder
+    from knowledge.embed import routing_embedder
 
-    return shared_embedder()
+    return routing_embedder()
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,10 @@ from lora import LoraError
 from lora.dataset import Example
 from lora.registry import AdapterRegistry, AdapterStatus
 from lora.router import (
+    LEGACY_EMBEDDER,
     PROFILE_FILE,
     PROFILE_INFO_FILE,
+    PROFILE_TEXTS_FILE,
     SOURCE_TASK_BOOK,
     SOURCE_TRAINING_SET,
     Router,
@@ -54,9 +56,21 @@ GROUPS = {
 
 @pytest.fixture(scope="module")
 def embedder():
-    from knowledge.embed import shared_embedder
+    from knowledge.embed import routing_embedder
 
-    return shared_embedder()
+    return routing_embedder()
+
+
+class RenamedEmbedder:
+    """The same vectors under another identity, as after a change of embedder settings."""
+
+    def __init__(self, embedder, identity: str):
+        self.embedder, self.dimension, self.identity = embedder, embedder.dimension, identity
+        self.calls = 0
+
+    def encode(self, texts):
+        self.calls += 1
+        return self.embedder.encode(texts)
 
 
 @pytest.fixture
@@ -161,8 +175,15 @@ def test_profile_files_round_trip(registry, embedder):
     built = build_profile(adapter, GROUPS["code"], embedder, SOURCE_TRAINING_SET)
     assert (adapter.folder / PROFILE_FILE).exists()
     info = json.loads((adapter.folder / PROFILE_INFO_FILE).read_text())
-    assert info == {"format_version": 1, "source": SOURCE_TRAINING_SET, "texts": 2}
-    read = read_profile(adapter, embedder.dimension)
+    assert info == {
+        "format_version": 1,
+        "source": SOURCE_TRAINING_SET,
+        "texts": 2,
+        "embedder": "all-MiniLM-L6-v2 int8 128",
+    }
+    stored = json.loads((adapter.folder / PROFILE_TEXTS_FILE).read_text())
+    assert stored == {"source": SOURCE_TRAINING_SET, "groups": GROUPS["code"]}
+    read = read_profile(adapter, embedder)
     assert read is not None
     assert np.array_equal(read.vector, built.vector)
     assert float(np.linalg.norm(read.vector)) == pytest.approx(1.0, abs=1e-6)
@@ -171,7 +192,53 @@ def test_profile_files_round_trip(registry, embedder):
 def test_profile_of_other_dimension_ignored(registry, embedder):
     adapter = registry.serving("code")
     build_profile(adapter, GROUPS["code"], embedder, SOURCE_TRAINING_SET)
-    assert read_profile(adapter, 768) is None
+    wider = RenamedEmbedder(embedder, embedder.identity)
+    wider.dimension = 768
+    assert read_profile(adapter, wider) is None
+
+
+def test_profile_of_other_embedder_rebuilt_from_stored_texts(registry, embedder):
+    adapter = registry.serving("code")
+    build_profile(adapter, GROUPS["code"], embedder, SOURCE_TRAINING_SET)
+    other = RenamedEmbedder(embedder, "all-MiniLM-L6-v2 float32 64")
+    assert read_profile(adapter, other) is None
+
+    def fallback(domain: str) -> list[list[str]]:
+        raise AssertionError("the stored texts should be used, not the task book")
+
+    rebuilt = ensure_profile(adapter, other, fallback)
+    assert rebuilt.source == SOURCE_TRAINING_SET  # still the training texts
+    assert rebuilt.texts == 2
+    info = json.loads((adapter.folder / PROFILE_INFO_FILE).read_text())
+    assert info["embedder"] == "all-MiniLM-L6-v2 float32 64"
+    calls = other.calls
+    assert ensure_profile(adapter, other, fallback).source == SOURCE_TRAINING_SET
+    assert other.calls == calls  # read back, not embedded again
+
+
+def test_profile_without_embedder_is_legacy(registry, embedder):
+    """A profile written before profile.json named its embedder was made by float32
+    MiniLM at 256 word pieces; the int8 router builds it again from the task book."""
+    adapter = registry.serving("code")
+    build_profile(adapter, GROUPS["code"], embedder, SOURCE_TRAINING_SET)
+    info_path = adapter.folder / PROFILE_INFO_FILE
+    info = json.loads(info_path.read_text())
+    del info["embedder"]
+    info_path.write_text(json.dumps(info))
+    (adapter.folder / PROFILE_TEXTS_FILE).unlink()
+    assert read_profile(adapter, RenamedEmbedder(embedder, LEGACY_EMBEDDER)) is not None
+    assert read_profile(adapter, embedder) is None
+    profile = ensure_profile(adapter, embedder, lambda domain: GROUPS[domain])
+    assert profile.source == SOURCE_TASK_BOOK
+
+
+def test_unreadable_profile_texts_fall_back_to_book(registry, embedder):
+    adapter = registry.serving("code")
+    build_profile(adapter, GROUPS["code"], embedder, SOURCE_TRAINING_SET)
+    (adapter.folder / PROFILE_TEXTS_FILE).write_text('{"groups": 3}')
+    other = RenamedEmbedder(embedder, "all-MiniLM-L6-v2 float32 64")
+    profile = ensure_profile(adapter, other, lambda domain: GROUPS[domain])
+    assert profile.source == SOURCE_TASK_BOOK
 
 
 def test_missing_profile_built_from_fallback(registry, embedder):
