@@ -166,6 +166,7 @@ def execute_phase(
     paths = adapter_paths or {}
     by_task = {planned.task_id: planned for planned in plan.tasks}
     backend.set_adapters([])
+    prefetch_planned(backend, plan, paths)
     for planned in plan.tasks:
         if stop.is_set():
             remaining = len(plan.tasks) - len(runs)
@@ -199,6 +200,17 @@ def execute_phase(
         stopped_early=stop.is_set(),
         samples=tuple(samples),
     )
+
+
+def prefetch_planned(backend: Backend, plan: PlanRecord, paths: dict[str, Path]) -> list[Path]:
+    """Load the adapters the plan uses, in the order of first use, before the first
+    task; return those loaded. A switch between tasks then finds them in memory."""
+    wanted = list(dict.fromkeys(paths[name] for planned in plan.tasks for name in planned.adapters))
+    if not wanted:
+        return []
+    loaded = backend.prefetch_adapters(wanted)
+    log.info("adapters.prefetched", planned=len(wanted), loaded=len(loaded))
+    return loaded
 
 
 def active_adapters(planned: PlannedTask, paths: dict[str, Path]) -> list[ActiveAdapter]:

@@ -130,12 +130,15 @@ class AdapterCache:
                 self._entries.move_to_end(key)
             return [self._entries[key].handle for key in keys]
 
-    def prefetch(self, paths: Iterable[Path]) -> list[Path]:
+    def prefetch(self, paths: Iterable[Path], skip_invalid: bool = False) -> list[Path]:
         """Load adapters ahead of use without activating them; return those now resident.
 
         An adapter that does not fit beside the active, pinned and earlier
         prefetched adapters is skipped with a warning, because prefetching is
-        a hint. An invalid file still raises AdapterError.
+        a hint; its file is read ahead into the page cache instead, so that
+        loading it later reads memory rather than the disk. An invalid file
+        raises AdapterError, or with `skip_invalid` is skipped with a warning
+        (activating it later raises).
         """
         with self._lock:
             protected = set(self._active)
@@ -143,7 +146,13 @@ class AdapterCache:
             for path in paths:
                 key = _key(path)
                 if not self._is_fresh(key):
-                    size = self._sizes([key])[key]
+                    try:
+                        size = self._sizes([key])[key]
+                    except AdapterError as error:
+                        if not skip_invalid:
+                            raise
+                        log.warning("adapter_cache.prefetch_invalid", path=key, error=str(error))
+                        continue
                     if not self._room_possible(size, protected):
                         log.warning(
                             "adapter_cache.prefetch_skipped",
@@ -152,6 +161,7 @@ class AdapterCache:
                             budget_bytes=self.budget_bytes,
                             locked_bytes=self._locked_bytes(protected),
                         )
+                        read_ahead(Path(key))
                         continue
                     self._ensure_resident(key, size, protected, detacher=None)
                 self._entries.move_to_end(key)
@@ -329,6 +339,25 @@ class _Once:
             self._detach()
             self._forget()
             self.done = True
+
+
+def read_ahead(path: Path) -> bool:
+    """Ask the kernel to read a file into the page cache in the background
+    (posix_fadvise WILLNEED); return False where that is not possible."""
+    advise = getattr(os, "posix_fadvise", None)
+    if advise is None:  # not on macOS
+        return False
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        advise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
 
 
 def _key(path: Path | str) -> str:

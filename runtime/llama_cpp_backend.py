@@ -150,6 +150,12 @@ class LlamaCppBackend:
         # A cached prompt was computed with the previous adapters or scales.
         self._reset_context()
 
+    def prefetch_adapters(self, paths: Sequence[Path]) -> list[Path]:
+        """Load `paths` in order into the adapter cache while they fit its budget;
+        the files of those that do not fit are read ahead into the page cache."""
+        absolute = [Path(os.path.abspath(path)) for path in paths]
+        return self.adapter_cache.prefetch(absolute, skip_invalid=True)
+
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
         return MemoryUsage(
@@ -197,6 +203,8 @@ class LlamaCppBackend:
                 raise AdapterError(
                     f"{path} is a GGUF {info.file_type}, not a LoRA adapter (general.type=adapter)"
                 ) from error
+            raise AdapterError(str(error)) from error
+        except ModelFileError as error:  # no readable GGUF header or tensor table
             raise AdapterError(str(error)) from error
         if adapter.architecture != self.info.architecture:
             raise AdapterError(

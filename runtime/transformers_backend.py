@@ -280,6 +280,26 @@ class TransformersBackend:
             if isinstance(scaling, dict) and mixed in scaling:
                 scaling[mixed] = 1.0
 
+    def prefetch_adapters(self, paths: Sequence[Path]) -> list[Path]:
+        """Load the PEFT adapters in `paths` without changing which are applied; this
+        backend keeps every loaded adapter, so there is no budget to stay within."""
+        loaded = []
+        for path in paths:
+            try:
+                self._load_adapter(ActiveAdapter(Path(path)))
+            except AdapterLoadError as error:
+                log.warning("adapters.prefetch_invalid", path=str(path), error=str(error))
+                continue
+            loaded.append(Path(path))
+        # PeftModel.from_pretrained applies the first adapter it loads: apply the
+        # previous set again.
+        active, self._active = self._active, ("prefetched",)
+        if active:
+            self.set_adapters(*active)
+        else:
+            self.set_adapters([])
+        return loaded
+
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())

@@ -107,3 +107,43 @@ def test_other_base_adapter_not_served(routed_config: Config, tmp_path: Path):
     agent = Agent(config)
     assert agent.serving_adapters() == {}
     agent.close()
+
+
+class RecordingBackend:
+    """The tiny model, recording adapter prefetches and generations in order."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+        self.name, self.model_path = inner.name, inner.model_path
+
+    def prefetch_adapters(self, paths):
+        loaded = self.inner.prefetch_adapters(paths)
+        self.calls.append(("prefetch", [Path(p).parent.parent.name for p in paths], loaded))
+        return loaded
+
+    def generate(self, prompt, params):
+        self.calls.append(("generate", prompt, None))
+        return self.inner.generate(prompt, params)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_routed_adapters_prefetched_before_the_first_task(routed_config: Config):
+    from runtime.loader import open_backend
+
+    backends: list[RecordingBackend] = []
+
+    def recording(config, home):
+        backends.append(RecordingBackend(open_backend(config, home)))
+        return backends[-1]
+
+    agent = Agent(routed_config, recording)
+    record = agent.run_cycle()
+    agent.close()
+    calls = backends[0].calls
+    assert calls[0][0] == "prefetch"
+    used = list(dict.fromkeys(name.split("/")[0] for run in record.runs for name in run.adapters))
+    assert calls[0][1] == used  # each routed adapter once, in the order of first use
+    assert len(calls[0][2]) == len(used)  # both fit the default budget
+    assert [kind for kind, _, _ in calls].count("prefetch") == 1

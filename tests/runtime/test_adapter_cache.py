@@ -5,6 +5,7 @@ together against the same adapters merged into the base weights."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from bench.adapters import write_synthetic_adapter
 from lora.merge import merge_adapters
-from runtime.adapter_cache import AdapterBudgetError, AdapterError
+from runtime.adapter_cache import AdapterBudgetError, AdapterError, read_ahead
 from runtime.backend import ActiveAdapter, SamplingParams
 from runtime.gguf_file import check_model_file
 from runtime.llama_cpp_backend import LlamaCppBackend
@@ -298,3 +299,66 @@ def test_reload_skips_validation_of_unchanged_file(tiny_gguf, adapters, tmp_path
         assert inspected == [path, adapters[0], path]
     finally:
         backend.close()
+
+
+def in_page_cache(path: Path) -> bool:
+    """Tell whether the file's first page is in the page cache: a read with RWF_NOWAIT
+    fails with EAGAIN instead of waiting for the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(descriptor, [bytearray(4096)], 0, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(descriptor)
+    return True
+
+
+def drop_from_page_cache(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)  # dirty pages are not dropped
+        os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(descriptor)
+
+
+def test_prefetch_reads_ahead_what_does_not_fit(tiny_gguf, adapters, tmp_path):
+    """The budget holds one adapter: the second is not loaded, but its file is read
+    into the page cache, so that loading it later does not wait for the disk."""
+    first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
+    first.write_bytes(adapters[0].read_bytes())
+    second.write_bytes(adapters[1].read_bytes())
+    drop_from_page_cache(second)
+    if in_page_cache(second):
+        pytest.skip("this file system keeps the file cached after POSIX_FADV_DONTNEED")
+    backend = open_backend(tiny_gguf, 1)
+    try:
+        assert backend.prefetch_adapters([first, second]) == [first]
+        assert not backend.adapter_cache.is_resident(second)
+        for _ in range(200):  # the read-ahead runs in the background
+            if in_page_cache(second):
+                break
+            time.sleep(0.01)
+        assert in_page_cache(second)
+    finally:
+        backend.close()
+
+
+def test_prefetch_skips_an_invalid_file(tiny_gguf, adapters, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + b"\x00" * 60)
+    backend = open_backend(tiny_gguf, 3)
+    try:
+        assert backend.prefetch_adapters([broken, adapters[0]]) == [adapters[0]]
+        with pytest.raises(AdapterError, match="broken.gguf"):
+            backend.adapter_cache.prefetch([broken])
+        with pytest.raises(AdapterError, match="broken.gguf"):
+            backend.set_adapters(use(broken))
+        assert backend.adapter_cache.is_resident(adapters[0])
+    finally:
+        backend.close()
+
+
+def test_read_ahead_of_a_missing_file_is_false(tmp_path):
+    assert read_ahead(tmp_path / "gone.gguf") is False

@@ -193,3 +193,22 @@ def test_memory_reports_rss(llama):
     assert memory.rss_bytes > 10 * 2**20
     assert memory.peak_rss_bytes >= memory.rss_bytes
     assert memory.model_file_bytes > 0
+
+
+@pytest.mark.parametrize("active", [0, 1])
+def test_transformers_prefetch_keeps_applied_adapters(tiny_gguf, adapters, tmp_path, active):
+    """Prefetching loads PEFT adapters without applying them, even the first one, which
+    PeftModel.from_pretrained would apply."""
+    backend = TransformersBackend(tiny_gguf, cache_dir=tmp_path / "cache", threads=1)
+    try:
+        applied = [ActiveAdapter(adapters["peft"][1], 0.5)][:active]
+        backend.set_adapters(applied)
+        before = backend.log_likelihood(TEXT).total
+        missing = tmp_path / "missing"
+        loaded = backend.prefetch_adapters([adapters["peft"][0], missing])
+        assert loaded == [adapters["peft"][0]]
+        assert backend.log_likelihood(TEXT).total == pytest.approx(before, abs=1e-9)
+        backend.set_adapters([ActiveAdapter(adapters["peft"][0], 1.0)])
+        assert backend.log_likelihood(TEXT).total != pytest.approx(before, abs=1e-3)
+    finally:
+        backend.close()
