@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import types
 from collections.abc import Mapping
@@ -33,6 +34,9 @@ class ModelConfig:
     n_ctx: int = 2048
     threads: int = 0  # 0: one per available core
     seed: int = 0
+    # llama_cpp: memory for loaded LoRA adapters; beyond it the least recently used
+    # adapter that is neither active nor pinned is freed (runtime/adapter_cache.py).
+    adapter_budget_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -348,6 +352,7 @@ def _validate(config: Config) -> None:
     checks = [
         (config.model.n_ctx >= 128, "[model] n_ctx must be at least 128"),
         (config.model.threads >= 0, "[model] threads must be 0 (all cores) or more"),
+        (config.model.adapter_budget_mb >= 1, "[model] adapter_budget_mb must be at least 1"),
         (config.schedule.interval_minutes > 0, "[schedule] interval_minutes must be above 0"),
         (config.tasks.max_per_cycle >= 0, "[tasks] max_per_cycle must be 0 (all) or more"),
         (
@@ -405,7 +410,17 @@ def _validate(config: Config) -> None:
     checks += _routing_checks(config)
     for ok, message in checks:
         if not ok:
-            raise ConfigError(f"{where}: {message}")
+            raise ConfigError(f"{where}: {_with_value(config, message)}")
+
+
+def _with_value(config: Config, message: str) -> str:
+    """Name the rejected value in a "[section] key must ..." message."""
+    match = re.fullmatch(r"\[(\w+)\] (\w+) must (.*)", message, flags=re.DOTALL)
+    if match is None:
+        return message
+    section, key, rule = match.groups()
+    value = getattr(getattr(config, section), key)
+    return f"[{section}] {key} is {value!r}; it must {rule}"
 
 
 def _routing_checks(config: Config) -> list[tuple[bool, str]]:

@@ -84,6 +84,7 @@ def _open_llama_cpp(model: ModelInfo, config: Config, home: Home) -> Backend:
         n_ctx=config.model.n_ctx,
         threads=thread_count(config.model),
         seed=config.model.seed,
+        adapter_budget_bytes=config.model.adapter_budget_mb * 2**20,
     )
 
 

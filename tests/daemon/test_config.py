@@ -120,10 +120,10 @@ def test_routing_section_read(tmp_path: Path):
 @pytest.mark.parametrize(
     ("variable", "value", "message"),
     [
-        ("A3X_ROUTING__TOP_K", "0", r"\[routing\] top_k must be at least 1"),
-        ("A3X_ROUTING__TEMPERATURE", "0", r"\[routing\] temperature must be above 0"),
-        ("A3X_ROUTING__FLOOR", "1.5", r"\[routing\] floor must be a cosine similarity"),
-        ("A3X_ROUTING__DENSITY", "0", r"\[routing\] density must be above 0 and at most 1"),
+        ("A3X_ROUTING__TOP_K", "0", r"\[routing\] top_k is 0; it must be at least 1"),
+        ("A3X_ROUTING__TEMPERATURE", "0", r"\[routing\] temperature is 0.0; it must be above 0"),
+        ("A3X_ROUTING__FLOOR", "1.5", r"\[routing\] floor is 1.5; it must be a cosine similarity"),
+        ("A3X_ROUTING__DENSITY", "0", r"\[routing\] density is 0.0; it must be above 0 and at"),
         ("A3X_ROUTING__COMBINATION", "cat", r"combination 'cat' is unknown; use one of: linear"),
         ("A3X_ROUTING__COMBINATION", "ties", r"'ties' needs model.backend = \"transformers\""),
     ],
@@ -132,3 +132,10 @@ def test_routing_section_read(tmp_path: Path):
 def test_routing_values_checked(variable, value, message):
     with pytest.raises(ConfigError, match=message):
         load_config(environ={variable: value})
+
+
+def test_adapter_budget_reaches_the_backend_setting():
+    assert load_config(environ={}).model.adapter_budget_mb == 256
+    assert load_config(environ={"A3X_MODEL__ADAPTER_BUDGET_MB": "64"}).model.adapter_budget_mb == 64
+    with pytest.raises(ConfigError, match=r"\[model\] adapter_budget_mb is 0; it must be at"):
+        load_config(environ={"A3X_MODEL__ADAPTER_BUDGET_MB": "0"})

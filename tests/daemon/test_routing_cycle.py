@@ -147,3 +147,15 @@ def test_routed_adapters_prefetched_before_the_first_task(routed_config: Config)
     assert calls[0][1] == used  # each routed adapter once, in the order of first use
     assert len(calls[0][2]) == len(used)  # both fit the default budget
     assert [kind for kind, _, _ in calls].count("prefetch") == 1
+
+
+def test_adapter_budget_setting_reaches_the_cache(routed_config: Config):
+    from daemon.home import Home
+    from runtime.loader import open_backend
+
+    config = with_changes(routed_config, model={"adapter_budget_mb": 3})
+    backend = open_backend(config, Home(config.home))
+    try:
+        assert backend.adapter_cache.budget_bytes == 3 * 2**20
+    finally:
+        backend.close()
