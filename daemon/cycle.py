@@ -44,7 +44,7 @@ from knowledge.extract import Extractor, ModelExtractor, PatternExtractor
 from knowledge.graph import KnowledgeGraph
 from lora import LoraError
 from lora.registry import Adapter, AdapterRegistry, base_mismatch, configured_base
-from runtime.backend import Backend
+from runtime.backend import ActiveAdapter, Backend
 from runtime.loader import ModelInfo, describe_model, open_backend
 
 if TYPE_CHECKING:
@@ -174,6 +174,16 @@ class Agent:
             return adapter.peft_folder
         return adapter.gguf_path
 
+    def active_adapter(self, adapter: Adapter) -> ActiveAdapter:
+        """Return how the backend applies a serving version: its file, at scale 1, with
+        the per-layer scales its record holds (`a3x adapters layers`)."""
+        try:
+            layers = adapter.layer_scales
+        except LoraError as error:  # a hand-edited record; the owner sees it in the log
+            log.error("adapters.layer_scales_invalid", adapter=adapter.name, error=str(error))
+            layers = None
+        return ActiveAdapter(self.adapter_path(adapter), 1.0, layers=layers)
+
     def router(self, serving: dict[str, Adapter]) -> Router:
         """Build the prompt router over the serving adapters' profiles. An adapter whose
         profile cannot be built is left out of routing, with an error in the log."""
@@ -287,7 +297,7 @@ class Agent:
                     self.config.model.seed,
                     stop,
                     sampling,
-                    {adapter.name: self.adapter_path(adapter) for adapter in serving.values()},
+                    {adapter.name: self.active_adapter(adapter) for adapter in serving.values()},
                 )
                 execute = self._store_runs(cycle_id, execute)
             record = replace(record, execute=execute)

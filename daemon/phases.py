@@ -157,13 +157,13 @@ def execute_phase(
     base_seed: int,
     stop: threading.Event,
     sampling: SamplingPlan | None = None,
-    adapter_paths: dict[str, Path] | None = None,
+    adapters: dict[str, ActiveAdapter] | None = None,
 ) -> ExecuteRecord:
     """Run each planned task on the model, with its planned adapters (by name, found
-    in `adapter_paths`); a failing task is recorded, not raised."""
+    in `adapters`, whose scale the plan sets); a failing task is recorded, not raised."""
     started = time.perf_counter()
     runs: list[Run] = []
-    paths = adapter_paths or {}
+    paths = adapters or {}
     by_task = {planned.task_id: planned for planned in plan.tasks}
     backend.set_adapters([])
     prefetch_planned(backend, plan, paths)
@@ -202,10 +202,13 @@ def execute_phase(
     )
 
 
-def prefetch_planned(backend: Backend, plan: PlanRecord, paths: dict[str, Path]) -> list[Path]:
+def prefetch_planned(
+    backend: Backend, plan: PlanRecord, adapters: dict[str, ActiveAdapter]
+) -> list[Path]:
     """Load the adapters the plan uses, in the order of first use, before the first
-    task; return those loaded. A switch between tasks then finds them in memory."""
-    wanted = list(dict.fromkeys(paths[name] for planned in plan.tasks for name in planned.adapters))
+    task; return the files loaded. A switch between tasks then finds them in memory."""
+    names = dict.fromkeys(name for planned in plan.tasks for name in planned.adapters)
+    wanted = [adapters[name] for name in names]
     if not wanted:
         return []
     loaded = backend.prefetch_adapters(wanted)
@@ -213,11 +216,13 @@ def prefetch_planned(backend: Backend, plan: PlanRecord, paths: dict[str, Path])
     return loaded
 
 
-def active_adapters(planned: PlannedTask, paths: dict[str, Path]) -> list[ActiveAdapter]:
+def active_adapters(
+    planned: PlannedTask, adapters: dict[str, ActiveAdapter]
+) -> list[ActiveAdapter]:
     """Return the planned adapters with their scales (1.0 each unless routed)."""
     scales = planned.scales or (1.0,) * len(planned.adapters)
     return [
-        ActiveAdapter(paths[name], scale)
+        replace(adapters[name], scale=scale)
         for name, scale in zip(planned.adapters, scales, strict=True)
     ]
 

@@ -52,6 +52,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             )
         sub.set_defaults(handler=command_change, adapters_action=action)
 
+    layers = actions.add_parser(
+        "layers",
+        help="show, set or clear a version's per-layer scales",
+        description=(
+            "Per-layer scales multiply the adapter's update per block and per module, "
+            "wherever the version is used, from the next cycle. SCALES is a JSON object: "
+            '{"default": 1.0, "layers": {"0-5": 0.5, "12": 0}, "modules": {"attn_v": 2.0}} '
+            "(docs/routing.md)."
+        ),
+    )
+    layers.add_argument("name", metavar="NAME", help="the version, as domain/vN")
+    layers.add_argument("scales", metavar="SCALES", nargs="?", help="the scales as JSON")
+    layers.add_argument("--clear", action="store_true", help="remove the version's scales")
+    layers.add_argument("--json", action="store_true", help="print the result as JSON")
+    layers.set_defaults(handler=command_layers)
+
 
 # Reading
 
@@ -107,6 +123,12 @@ def command_show(args: argparse.Namespace) -> int:
         owner = adapter.record["owner"]
         what = "activated" if owner["serving"] else "deactivated"
         print(f"  {what} by {owner['by']} at {owner['at']}")
+    layer_entry = adapter.record.get("layer_scales")
+    if isinstance(layer_entry, dict):
+        print(
+            f"  per-layer scales {json.dumps(layer_entry.get('scales'))}, set by "
+            f"{layer_entry.get('by')} at {layer_entry.get('at')}"
+        )
     if row["base_mismatch"]:
         print(f"  other base: {row['base_mismatch']}")
     if note:
@@ -182,6 +204,29 @@ def command_change(args: argparse.Namespace) -> int:
     print(f"{adapter.name}: {_done(action)} by {by}; {adapter.domain} is served by {now}")
     if note and action == "activate":
         print(f"note: {note}")
+    return 0
+
+
+def command_layers(args: argparse.Namespace) -> int:
+    from lora.layers import LayerScales
+
+    if args.scales is not None and args.clear:
+        raise LoraError("give SCALES or --clear, not both")
+    registry, _, _ = _open(args)
+    adapter = registry.get(args.name)
+    if args.clear:
+        adapter = registry.set_layer_scales(adapter, None, current_user())
+    elif args.scales is not None:
+        adapter = registry.set_layer_scales(adapter, LayerScales.parse(args.scales), current_user())
+    scales = adapter.layer_scales
+    spec = scales.to_json() if scales is not None else None
+    if args.json:
+        print(json.dumps({"adapter": adapter.name, "layer_scales": spec}, indent=2))
+        return 0
+    if spec is None:
+        print(f"{adapter.name}: no per-layer scales; every layer at the adapter's scale")
+    else:
+        print(f"{adapter.name}: per-layer scales {json.dumps(spec)}")
     return 0
 
 

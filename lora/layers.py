@@ -115,6 +115,18 @@ class LayerScales:
     def module_factor(self, module: str) -> float:
         return dict(self.modules).get(module, 1.0)
 
+    def to_json(self) -> dict[str, Any]:
+        """Return the protocol's JSON object; `parse` of it gives these scales back."""
+        spec: dict[str, Any] = {"default": self.default}
+        if self.layers:
+            spec["layers"] = {
+                (str(first) if first == last else f"{first}-{last}"): factor
+                for first, last, factor in self.layers
+            }
+        if self.modules:
+            spec["modules"] = dict(self.modules)
+        return spec
+
 
 def derive_adapter(
     adapter_path: Path | str,
@@ -156,11 +168,19 @@ def derive_adapter(
 def tensor_factors(adapter: GGUFAdapter, scales: LayerScales, block_count: int) -> dict[str, float]:
     """Return the factor of every modified base tensor; raise when a rule names a module
     the adapter does not modify or a block outside `range(block_count)`."""
-    modules = {_module_of(target) for target in adapter.pairs}
+    return target_factors(list(adapter.pairs), scales, block_count, str(adapter.path))
+
+
+def target_factors(
+    targets: list[str], scales: LayerScales, block_count: int, source: str
+) -> dict[str, float]:
+    """Return the factor of each modified GGUF tensor name (`blk.3.attn_q.weight`) of
+    the adapter `source`, after checking the scales against them as tensor_factors does."""
+    modules = {_module_of(target) for target in targets}
     for module, _ in scales.modules:
         if module not in modules:
             raise LayerScalesError(
-                f"module '{module}' in the layer scales is not modified by {adapter.path}; it "
+                f"module '{module}' in the layer scales is not modified by {source}; it "
                 f"modifies {', '.join(sorted(modules))}"
             )
     for first, last, _ in scales.layers:
@@ -172,7 +192,7 @@ def tensor_factors(adapter: GGUFAdapter, scales: LayerScales, block_count: int) 
             )
     return {
         target: scales.layer_factor(block_of(target)) * scales.module_factor(_module_of(target))
-        for target in adapter.pairs
+        for target in targets
     }
 
 

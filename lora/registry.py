@@ -38,6 +38,7 @@ from lora import LoraError
 from lora.metadata import AdapterMetadata, BaseModelRef
 
 if TYPE_CHECKING:
+    from lora.layers import LayerScales
     from runtime.loader import ModelInfo
 
 RECORD_FILE = "record.json"
@@ -85,6 +86,17 @@ class Adapter:
     @property
     def pinned(self) -> bool:
         return isinstance(self.record.get("pinned"), dict)
+
+    @property
+    def layer_scales(self) -> LayerScales | None:
+        """The owner's per-layer scales (lora/layers.py), applied wherever this version
+        is used; None for none. Raises LayerScalesError for a malformed record entry."""
+        entry = self.record.get("layer_scales")
+        if not isinstance(entry, dict):
+            return None
+        from lora.layers import LayerScales
+
+        return LayerScales.parse(entry.get("scales") or {})
 
 
 def parse_adapter_name(name: str) -> tuple[str, int]:
@@ -196,6 +208,33 @@ class AdapterRegistry:
     def unpin(self, adapter: Adapter, by: str | None = None) -> Adapter:
         return self._change(adapter, "unpin", by, _unpin)
 
+    def set_layer_scales(
+        self, adapter: Adapter, scales: LayerScales | None, by: str | None = None
+    ) -> Adapter:
+        """Store per-layer scales for a version (None clears them), after checking them
+        against the modules and blocks its GGUF file modifies."""
+        _require_settled(adapter, "get layer scales")
+        if scales is None:
+            return self._change(adapter, "clear layer scales", by, _clear_layer_scales)
+        from lora.gguf_adapter import read_gguf_adapter
+        from lora.layers import LayerScalesError, tensor_factors
+        from lora.names import block_of
+
+        if not adapter.gguf_path.exists():
+            raise LoraError(
+                f"adapter {adapter.name} has no {adapter.gguf_path.name}, so layer scales "
+                "cannot be checked against it"
+            )
+        gguf = read_gguf_adapter(adapter.gguf_path, load_tensors=False)
+        blocks = [block for block in map(block_of, gguf.pairs) if block is not None]
+        factors = tensor_factors(gguf, scales, max(blocks, default=-1) + 1)
+        if not any(factors.values()):
+            raise LayerScalesError(
+                f"the layer scales set every tensor of {adapter.name} to 0; deactivate the "
+                "adapter instead (`a3x adapters deactivate`)"
+            )
+        return self._change(adapter, "set layer scales", by, _set_layer_scales(scales))
+
     def pinned(self) -> list[Adapter]:
         """Return the pinned versions, which `remove` rejects without `force`."""
         # NOTE: nothing passes these to the llama.cpp backend's adapter cache yet, so a
@@ -280,6 +319,17 @@ def _pin(record: dict[str, Any], stamp: dict[str, str]) -> None:
 
 def _unpin(record: dict[str, Any], stamp: dict[str, str]) -> None:
     record.pop("pinned", None)
+
+
+def _set_layer_scales(scales: LayerScales) -> Callable[[dict[str, Any], dict[str, str]], None]:
+    def update(record: dict[str, Any], stamp: dict[str, str]) -> None:
+        record["layer_scales"] = {"scales": scales.to_json(), **stamp}
+
+    return update
+
+
+def _clear_layer_scales(record: dict[str, Any], stamp: dict[str, str]) -> None:
+    record.pop("layer_scales", None)
 
 
 def current_user() -> str:

@@ -6,7 +6,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from lora.layers import LayerScales
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,13 @@ class LogLikelihood:
 
 @dataclass(frozen=True)
 class ActiveAdapter:
-    """A LoRA adapter to apply at inference, with its scale (negative subtracts it)."""
+    """A LoRA adapter to apply at inference, with its scale (negative subtracts it) and,
+    optionally, factors per layer and module on top of the scale (lora/layers.py)."""
 
     path: Path
     scale: float = 1.0
     name: str = ""
+    layers: LayerScales | None = None
 
     @property
     def adapter_name(self) -> str:
@@ -93,10 +98,10 @@ class Backend(Protocol):
 
     def set_adapters(self, adapters: Sequence[ActiveAdapter]) -> None: ...
 
-    def prefetch_adapters(self, paths: Sequence[Path]) -> list[Path]:
-        """Load adapters that will be used soon, as far as memory allows, and return
-        those now loaded. A hint: an adapter that cannot be loaded is skipped with a
-        warning, and `set_adapters` reports it when it is used."""
+    def prefetch_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
+        """Load adapters that will be used soon, as far as memory allows, without
+        applying them; return the files now loaded. A hint: an adapter that cannot be
+        loaded is skipped with a warning, and `set_adapters` reports it when used."""
         ...
 
     def memory(self) -> MemoryUsage: ...

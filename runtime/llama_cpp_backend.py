@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import structlog
 
 from runtime.adapter_cache import AdapterCache, AdapterError
 from runtime.backend import ActiveAdapter, Generation, LogLikelihood, MemoryUsage, SamplingParams
@@ -17,6 +19,8 @@ from runtime.gguf_file import ModelFileError, check_model_file, inspect_gguf
 from runtime.memory import process_memory
 
 __all__ = ["DEFAULT_ADAPTER_BUDGET_BYTES", "AdapterError", "LlamaCppBackend"]
+
+log = structlog.get_logger(__name__)
 
 # Tokens per llama_decode call when scoring a text. Each call requests logits
 # for every token, n_vocab floats each (262,144 for Gemma 3), so 64 tokens
@@ -40,6 +44,7 @@ class LlamaCppBackend:
         threads: int = 2,
         seed: int = 0,
         adapter_budget_bytes: int = DEFAULT_ADAPTER_BUDGET_BYTES,
+        derived_dir: Path | None = None,
     ):
         import llama_cpp
 
@@ -71,6 +76,11 @@ class LlamaCppBackend:
             free=llama_cpp.llama_adapter_lora_free,
         )
         self._active: tuple[ActiveAdapter, ...] = ()
+        # Adapters with per-layer scales are loaded from derived files (lora/layers.py),
+        # cached under derived_dir by content hash; without one, in a temporary folder.
+        self.derived_dir = derived_dir
+        self._temporary_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._derived: dict[tuple[Path, tuple[int, int], Any], Path] = {}
 
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
         started = time.perf_counter()
@@ -137,7 +147,7 @@ class LlamaCppBackend:
             return
         scales: dict[Path, float] = {}
         for adapter in adapters:
-            path = Path(os.path.abspath(adapter.path))
+            path = self._file_of(adapter)
             scales[path] = scales.get(path, 0.0) + adapter.scale
         handles = self.adapter_cache.activate(list(scales), detach=self._detach_adapters)
         try:
@@ -150,11 +160,17 @@ class LlamaCppBackend:
         # A cached prompt was computed with the previous adapters or scales.
         self._reset_context()
 
-    def prefetch_adapters(self, paths: Sequence[Path]) -> list[Path]:
-        """Load `paths` in order into the adapter cache while they fit its budget;
-        the files of those that do not fit are read ahead into the page cache."""
-        absolute = [Path(os.path.abspath(path)) for path in paths]
-        return self.adapter_cache.prefetch(absolute, skip_invalid=True)
+    def prefetch_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
+        """Load the adapters in order into the adapter cache while they fit its budget;
+        the files of those that do not fit are read ahead into the page cache. Return
+        the files now loaded (derived files for adapters with per-layer scales)."""
+        files = []
+        for adapter in adapters:
+            try:
+                files.append(self._file_of(adapter))
+            except AdapterError as error:
+                log.warning("adapters.prefetch_invalid", path=str(adapter.path), error=str(error))
+        return self.adapter_cache.prefetch(files, skip_invalid=True)
 
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
@@ -168,6 +184,34 @@ class LlamaCppBackend:
         self._detach_adapters()
         self.adapter_cache.close()
         self.llm.close()
+        if self._temporary_dir is not None:
+            self._temporary_dir.cleanup()
+
+    def _file_of(self, adapter: ActiveAdapter) -> Path:
+        """Return the file llama.cpp loads for `adapter`: its own, or with per-layer
+        scales the derived file, made once per file version and scales."""
+        path = Path(os.path.abspath(adapter.path))
+        if adapter.layers is None:
+            return path
+        from lora.layers import LayerScalesError, derive_adapter
+
+        try:
+            stat = path.stat()
+        except OSError as error:
+            raise AdapterError(f"adapter {path} cannot be read: {error}") from error
+        key = (path, (stat.st_size, stat.st_mtime_ns), adapter.layers)
+        derived = self._derived.get(key)
+        if derived is not None and derived.exists():
+            return derived
+        if self.derived_dir is None and self._temporary_dir is None:
+            self._temporary_dir = tempfile.TemporaryDirectory(prefix="a3x-derived-adapters-")
+        folder = self.derived_dir or Path(self._temporary_dir.name)  # type: ignore[union-attr]
+        try:
+            derived = derive_adapter(path, adapter.layers, folder, self.info.block_count)
+        except (LayerScalesError, ModelFileError, OSError) as error:
+            raise AdapterError(f"per-layer scales for {path}: {error}") from error
+        self._derived[key] = derived
+        return derived
 
     def _apply(self, handles: list[Any], scales: list[float]) -> None:
         count = len(handles)

@@ -85,6 +85,7 @@ def _open_llama_cpp(model: ModelInfo, config: Config, home: Home) -> Backend:
         threads=thread_count(config.model),
         seed=config.model.seed,
         adapter_budget_bytes=config.model.adapter_budget_mb * 2**20,
+        derived_dir=home.cache_path / "derived-adapters",
     )
 
 

@@ -14,14 +14,17 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import torch
 
 from runtime.backend import ActiveAdapter, Generation, LogLikelihood, MemoryUsage, SamplingParams
-from runtime.gguf_file import ModelFileError, check_model_file, sha256_of_file
+from runtime.gguf_file import ModelFileError, check_model_file, inspect_gguf, sha256_of_file
 from runtime.memory import process_memory
+
+if TYPE_CHECKING:
+    from lora.layers import LayerScales
 
 log = structlog.get_logger(__name__)
 
@@ -230,12 +233,18 @@ class TransformersBackend:
                 self.model.base_model.disable_adapter_layers()
             self._active = ()
             return
+        layered = [adapter for adapter in adapters if adapter.layers is not None]
+        if layered and combination != "linear":
+            raise AdapterLoadError(
+                f"per-layer scales of {layered[0].path} need the linear combination, not "
+                f'{combination}; set routing.combination = "linear" or drop the layer scales'
+            )
         names = [self._load_adapter(adapter) for adapter in adapters]
         self.model.base_model.enable_adapter_layers()
         if combination == "linear":
             unique = list(dict.fromkeys(names))
             self.model.base_model.set_adapter(unique if len(unique) > 1 else unique[0])
-            self._apply_scales(_summed_scales(names, adapters))
+            self._apply_scales(self._scale_rules(names, adapters))
         else:
             scales = [adapter.scale for adapter in adapters]
             self.model.base_model.set_adapter(self._mix(names, scales, combination, density))
@@ -249,7 +258,7 @@ class TransformersBackend:
             return str(self._mixed[1])
         # add_weighted_adapter multiplies each source by its scaling, which must be
         # the adapter's own (alpha / r), not a scale left from a linear set.
-        self._apply_scales({name: 1.0 for name in names})
+        self._apply_scales({name: [(1.0, None)] for name in names})
         mixed = f"mixed_{self._mixes}"
         self._mixes += 1
         options: dict[str, Any] = {"combination_type": combination, "density": density}
@@ -280,19 +289,19 @@ class TransformersBackend:
             if isinstance(scaling, dict) and mixed in scaling:
                 scaling[mixed] = 1.0
 
-    def prefetch_adapters(self, paths: Sequence[Path]) -> list[Path]:
-        """Load the PEFT adapters in `paths` without changing which are applied; this
-        backend keeps every loaded adapter, so there is no budget to stay within."""
+    def prefetch_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
+        """Load the PEFT adapters without changing which are applied; this backend
+        keeps every loaded adapter, so there is no budget to stay within."""
         loaded = []
-        for path in paths:
+        for adapter in adapters:
             try:
-                self._load_adapter(ActiveAdapter(Path(path)))
+                self._load_adapter(adapter)
             except AdapterLoadError as error:
-                log.warning("adapters.prefetch_invalid", path=str(path), error=str(error))
+                log.warning("adapters.prefetch_invalid", path=str(adapter.path), error=str(error))
                 continue
-            loaded.append(Path(path))
+            loaded.append(Path(adapter.path))
         # PeftModel.from_pretrained applies the first adapter it loads: apply the
-        # previous set again.
+        # previous set again. Per-layer scales need no preparation in this backend.
         active, self._active = self._active, ("prefetched",)
         if active:
             self.set_adapters(*active)
@@ -342,23 +351,66 @@ class TransformersBackend:
             if isinstance(scaling, dict) and name in scaling:
                 self._base_scaling.setdefault(module_name, {})[name] = float(scaling[name])
 
-    def _apply_scales(self, scales: dict[str, float]) -> None:
+    def _apply_scales(self, rules: dict[str, list[tuple[float, dict[str, float] | None]]]) -> None:
+        """Set each LoRA module's scaling per adapter name to its own scaling times the
+        sum over `rules[name]` of scale x the module's per-layer factor (1 without)."""
         for module_name, module in self.model.named_modules():
             base = self._base_scaling.get(module_name)
             if not base:
                 continue
-            for name, scale in scales.items():
+            for name, terms in rules.items():
                 if name in base:
-                    module.scaling[name] = base[name] * scale
+                    total = sum(
+                        scale * (1.0 if factors is None else factors[module_name])
+                        for scale, factors in terms
+                    )
+                    module.scaling[name] = base[name] * total
 
+    def _scale_rules(
+        self, names: list[str], adapters: Sequence[ActiveAdapter]
+    ) -> dict[str, list[tuple[float, dict[str, float] | None]]]:
+        """Return, per adapter name, its (scale, factor per module) terms; an adapter
+        listed twice is applied with the sum, as llama.cpp applies it."""
+        rules: dict[str, list[tuple[float, dict[str, float] | None]]] = {}
+        for name, adapter in zip(names, adapters, strict=True):
+            factors = None
+            if adapter.layers is not None:
+                factors = self._layer_factors(name, adapter.path, adapter.layers)
+            rules.setdefault(name, []).append((adapter.scale, factors))
+        return rules
 
-def _summed_scales(names: list[str], adapters: Sequence[ActiveAdapter]) -> dict[str, float]:
-    """Return the scale of each adapter name; an adapter listed twice gets the sum of
-    its scales, as llama.cpp applies it."""
-    scales: dict[str, float] = {}
-    for name, adapter in zip(names, adapters, strict=True):
-        scales[name] = scales.get(name, 0.0) + adapter.scale
-    return scales
+    def _layer_factors(self, name: str, source: Path, scales: LayerScales) -> dict[str, float]:
+        """Return the per-layer factor of each module the adapter `name` modifies, by
+        the GGUF names that lora/layers.py's protocol uses."""
+        from lora.layers import LayerScalesError, target_factors
+        from lora.names import HF_BLOCK_PREFIX, NameMapError, gguf_name_of_module
+
+        if self.model_path.is_dir():
+            raise AdapterLoadError(
+                f"per-layer scales of {source} name GGUF tensors, so they need a GGUF "
+                f"model path; {self.model_path} is a folder"
+            )
+        info = inspect_gguf(self.model_path)
+        blocks = info.block_count or 0
+        modules = [m for m, scalings in self._base_scaling.items() if name in scalings]
+        targets = {}
+        for module in modules:
+            path = module[module.rfind(HF_BLOCK_PREFIX) :]
+            try:
+                target = gguf_name_of_module(path, info.architecture, blocks)
+            except NameMapError as error:
+                raise AdapterLoadError(str(error)) from error
+            if target is None:
+                raise AdapterLoadError(
+                    f"module {path} of {source} has no GGUF tensor in architecture "
+                    f"'{info.architecture}', so per-layer scales cannot name it"
+                )
+            targets[module] = target
+        try:
+            factors = target_factors(list(targets.values()), scales, blocks, str(source))
+        except LayerScalesError as error:
+            raise AdapterLoadError(str(error)) from error
+        return {module: factors[target] for module, target in targets.items()}
 
 
 def _check_combination(combination: str, density: float) -> None:

@@ -116,9 +116,10 @@ class RecordingBackend:
         self.inner, self.calls = inner, []
         self.name, self.model_path = inner.name, inner.model_path
 
-    def prefetch_adapters(self, paths):
-        loaded = self.inner.prefetch_adapters(paths)
-        self.calls.append(("prefetch", [Path(p).parent.parent.name for p in paths], loaded))
+    def prefetch_adapters(self, adapters):
+        loaded = self.inner.prefetch_adapters(adapters)
+        domains = [Path(adapter.path).parent.parent.name for adapter in adapters]
+        self.calls.append(("prefetch", domains, loaded))
         return loaded
 
     def generate(self, prompt, params):
@@ -159,3 +160,23 @@ def test_adapter_budget_setting_reaches_the_cache(routed_config: Config):
         assert backend.adapter_cache.budget_bytes == 3 * 2**20
     finally:
         backend.close()
+
+
+def test_layer_scales_of_the_record_reach_the_backend(routed_config: Config):
+    """Per-layer scales set with `a3x adapters layers` apply from the next cycle: the
+    llama.cpp backend loads a derived file, cached in the home, for that adapter."""
+    from lora.layers import LayerScales
+
+    registry = AdapterRegistry(routed_config.home / "adapters")
+    geography = registry.serving("geography")
+    registry.set_layer_scales(geography, LayerScales.parse({"layers": {"1": 0.0}}), "test")
+    agent = Agent(routed_config)
+    record = agent.run_cycle()
+    derived = sorted((routed_config.home / "cache/derived-adapters").glob("*.gguf"))
+    agent.close()
+    assert any(run.adapters == ("geography/v1",) and run.ok for run in record.runs)
+    assert len(derived) == 1
+    from lora.gguf_adapter import read_gguf_adapter
+
+    kept = read_gguf_adapter(derived[0], load_tensors=False).pairs
+    assert sorted(kept) == ["blk.0.attn_v.weight"]  # block 1 at 0 is left out

@@ -130,3 +130,45 @@ def test_unknown_adapter_named(env, home):
     assert result.returncode == 2
     assert "no adapter geography/v7" in result.stderr
     assert "known adapters: geography/v1, geography/v2, science/v1" in result.stderr
+
+
+def test_layer_scales_set_shown_and_cleared(env, home):
+    spec = '{"layers": {"0": 0.5}, "modules": {"attn_v": -1}}'
+    result = a3x(env, "adapters", "layers", "geography/v1", spec)
+    assert result.returncode == 0, result.stderr
+    assert "per-layer scales" in result.stdout
+    record = json.loads((home / "adapters/geography/v1/record.json").read_text())
+    stored = record["layer_scales"]
+    assert stored["scales"] == {"default": 1.0, "layers": {"0": 0.5}, "modules": {"attn_v": -1.0}}
+    assert stored["by"] and stored["at"]
+    assert record["owner_history"][-1]["action"] == "set layer scales"
+
+    shown = json.loads(a3x(env, "adapters", "layers", "geography/v1", "--json").stdout)
+    assert shown == {"adapter": "geography/v1", "layer_scales": stored["scales"]}
+    assert "per-layer scales" in a3x(env, "adapters", "show", "geography/v1").stdout
+
+    cleared = a3x(env, "adapters", "layers", "geography/v1", "--clear")
+    assert cleared.returncode == 0, cleared.stderr
+    assert "no per-layer scales" in cleared.stdout
+    record = json.loads((home / "adapters/geography/v1/record.json").read_text())
+    assert "layer_scales" not in record
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ('{"modules": {"attn_q": 2}}', "module 'attn_q' in the layer scales is not modified"),
+        ('{"layers": {"0-9": 1}}', "the model has blocks 0-1"),
+        ('{"default": 0}', "set every tensor of geography/v1 to 0"),
+        ('{"layers": [1]}', "'layers' in the layer scales must be an object"),
+        ("{oops", "layer scales are not valid JSON"),
+    ],
+    ids=["module", "block", "all-zero", "shape", "json"],
+)
+def test_bad_layer_scales_rejected_record_kept(env, home, spec, message):
+    path = home / "adapters/geography/v1/record.json"
+    before = path.read_bytes()
+    result = a3x(env, "adapters", "layers", "geography/v1", spec)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert path.read_bytes() == before

@@ -334,7 +334,7 @@ def test_prefetch_reads_ahead_what_does_not_fit(tiny_gguf, adapters, tmp_path):
         pytest.skip("this file system keeps the file cached after POSIX_FADV_DONTNEED")
     backend = open_backend(tiny_gguf, 1)
     try:
-        assert backend.prefetch_adapters([first, second]) == [first]
+        assert backend.prefetch_adapters(use(first, second)) == [first]
         assert not backend.adapter_cache.is_resident(second)
         for _ in range(200):  # the read-ahead runs in the background
             if in_page_cache(second):
@@ -350,7 +350,7 @@ def test_prefetch_skips_an_invalid_file(tiny_gguf, adapters, tmp_path):
     broken.write_bytes(b"GGUF" + b"\x00" * 60)
     backend = open_backend(tiny_gguf, 3)
     try:
-        assert backend.prefetch_adapters([broken, adapters[0]]) == [adapters[0]]
+        assert backend.prefetch_adapters(use(broken, adapters[0])) == [adapters[0]]
         with pytest.raises(AdapterError, match="broken.gguf"):
             backend.adapter_cache.prefetch([broken])
         with pytest.raises(AdapterError, match="broken.gguf"):

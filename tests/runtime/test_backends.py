@@ -205,7 +205,9 @@ def test_transformers_prefetch_keeps_applied_adapters(tiny_gguf, adapters, tmp_p
         backend.set_adapters(applied)
         before = backend.log_likelihood(TEXT).total
         missing = tmp_path / "missing"
-        loaded = backend.prefetch_adapters([adapters["peft"][0], missing])
+        loaded = backend.prefetch_adapters(
+            [ActiveAdapter(adapters["peft"][0]), ActiveAdapter(missing)]
+        )
         assert loaded == [adapters["peft"][0]]
         assert backend.log_likelihood(TEXT).total == pytest.approx(before, abs=1e-9)
         backend.set_adapters([ActiveAdapter(adapters["peft"][0], 1.0)])
