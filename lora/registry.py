@@ -45,7 +45,7 @@ RECORD_FILE = "record.json"
 RECORD_SCHEMA_VERSION = 2  # the newest version written and read
 PLAIN_RECORD_SCHEMA_VERSION = 1  # for records without owner fields
 READABLE_RECORD_VERSIONS = (1, 2)
-OWNER_FIELDS = ("owner", "pinned")
+OWNER_FIELDS = ("owner", "pinned", "layer_scales")
 DOMAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ADAPTER_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,63})/v(\d+)$")
 

@@ -142,6 +142,7 @@ def test_layer_scales_set_shown_and_cleared(env, home):
     assert stored["scales"] == {"default": 1.0, "layers": {"0": 0.5}, "modules": {"attn_v": -1.0}}
     assert stored["by"] and stored["at"]
     assert record["owner_history"][-1]["action"] == "set layer scales"
+    assert record["schema_version"] == 2  # an A3X that would ignore the scales rejects it
 
     shown = json.loads(a3x(env, "adapters", "layers", "geography/v1", "--json").stdout)
     assert shown == {"adapter": "geography/v1", "layer_scales": stored["scales"]}
