@@ -176,7 +176,7 @@ class Agent:
 
     def active_adapter(self, adapter: Adapter) -> ActiveAdapter:
         """Return how the backend applies a serving version: its file, at scale 1, with
-        the per-layer scales its record holds (`a3x adapters layers`)."""
+        the per-layer scales stored in its record (`a3x adapters layers`)."""
         try:
             layers = adapter.layer_scales
         except LoraError as error:  # a hand-edited record; the owner sees it in the log

@@ -19,21 +19,21 @@ def router():
     return routing_embedder()
 
 
-def test_routing_embedder_is_int8_at_128_word_pieces(router):
+def test_routing_embedder_settings(router):
     assert router.quantized
     assert router.model.max_seq_length == ROUTING_MAX_TOKENS
     assert router.identity == "all-MiniLM-L6-v2 int8 128"
     assert shared_embedder().identity == "all-MiniLM-L6-v2 float32 256"
 
 
-def test_routing_vector_does_not_depend_on_the_batch(router):
+def test_routing_vector_ignores_batch(router):
     """int8 activation scales span the batch, so texts are embedded one at a time."""
     together = router.encode(TEXTS)
     alone = np.concatenate([router.encode([text]) for text in TEXTS])
     assert np.array_equal(together, alone)
 
 
-def test_routing_vectors_are_unit_and_near_float32(router):
+def test_routing_vectors_near_float32(router):
     vectors = router.encode(TEXTS)
     assert vectors.shape == (3, 384)
     assert vectors.dtype == np.float32

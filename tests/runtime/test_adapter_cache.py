@@ -324,7 +324,7 @@ def drop_from_page_cache(path: Path) -> None:
 
 
 def test_prefetch_reads_ahead_what_does_not_fit(tiny_gguf, adapters, tmp_path):
-    """The budget holds one adapter: the second is not loaded, but its file is read
+    """The budget fits one adapter: the second is not loaded, but its file is read
     into the page cache, so that loading it later does not wait for the disk."""
     first, second = tmp_path / "first.gguf", tmp_path / "second.gguf"
     first.write_bytes(adapters[0].read_bytes())
