@@ -323,7 +323,7 @@ def positive_int(text: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1; give a count of 1 or more")
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give 1 or more")
     return value
 
 
@@ -627,6 +627,12 @@ def command_tasks_validate(args: argparse.Namespace) -> int:
         print(
             f"{path}: ok, {len(book.tasks)} tasks in {len(domains)} domains ({', '.join(domains)})"
         )
+    if not failed and len(args.files) > 1:
+        try:  # books used together must not share task ids
+            load_books(args.files)
+        except TaskBookError as error:
+            print(error, file=sys.stderr)
+            failed = True
     return EXIT_USAGE if failed else EXIT_OK
 
 

@@ -133,7 +133,7 @@ def inspect_gguf(path: Path | str) -> GGUFInfo:
         if magic != GGUF_MAGIC:
             raise ModelFileError(
                 f"{path} is not a GGUF file (it starts with {magic!r}, expected b'GGUF'); "
-                "point the model path at a .gguf file"
+                "give a .gguf file (a model or a LoRA adapter)"
             )
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _scan(_Cursor(data, path), size)

@@ -100,6 +100,15 @@ def test_tasks_validate_ok_and_bad(env, small_book, tmp_path):
     assert "missing key 'prompt'" in result.stderr
 
 
+def test_tasks_validate_duplicate_across_books(env, small_book, tmp_path):
+    copy = tmp_path / "copy.toml"
+    copy.write_text(small_book.read_text())
+    result = a3x(env, "tasks", "validate", str(small_book), str(copy))
+    assert result.returncode == 2
+    assert "is already used in" in result.stderr
+    assert result.stdout.count(": ok,") == 2  # each book alone is valid
+
+
 def test_malformed_task_book_keeps_journal(env, tmp_path):
     a3x(env, "cycle")
     home = Path(env["A3X_HOME"])
