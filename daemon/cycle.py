@@ -282,6 +282,10 @@ class Agent:
             record = replace(record, plan=plan)
 
             with timer("execute"):
+                # Pinned versions stay loaded across cycles (`a3x adapters pin`).
+                self.backend.pin_adapters(
+                    [self.active_adapter(a) for a in serving.values() if a.pinned]
+                )
                 sampling = sampling_plan(
                     plan,
                     cycle_id,

@@ -236,9 +236,8 @@ class AdapterRegistry:
         return self._change(adapter, "set layer scales", by, _set_layer_scales(scales))
 
     def pinned(self) -> list[Adapter]:
-        """Return the pinned versions, which `remove` rejects without `force`."""
-        # NOTE: nothing passes these to the llama.cpp backend's adapter cache yet, so a
-        # pin does not by itself keep an adapter loaded.
+        """Return the pinned versions, which `remove` rejects without `force`. A cycle
+        keeps the serving ones among them loaded in the llama.cpp adapter cache."""
         return [adapter for adapter in self.all() if adapter.pinned]
 
     def remove(self, adapter: Adapter, force: bool = False) -> None:

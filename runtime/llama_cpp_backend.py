@@ -172,6 +172,28 @@ class LlamaCppBackend:
                 log.warning("adapters.prefetch_invalid", path=str(adapter.path), error=str(error))
         return self.adapter_cache.prefetch(files, skip_invalid=True)
 
+    def pin_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
+        """Pin the adapters in the adapter cache, so that eviction never frees them, and
+        unpin every other; an adapter that is invalid or over the budget is skipped."""
+        files = []
+        for adapter in adapters:
+            try:
+                files.append(self._file_of(adapter))
+            except AdapterError as error:
+                log.warning("adapters.pin_failed", path=str(adapter.path), error=str(error))
+        for entry in self.adapter_cache.entries():
+            if entry.pinned and entry.path not in files:
+                self.adapter_cache.unpin(entry.path)
+        pinned = []
+        for path in files:
+            try:
+                self.adapter_cache.pin(path)
+            except AdapterError as error:
+                log.warning("adapters.pin_failed", path=str(path), error=str(error))
+                continue
+            pinned.append(path)
+        return pinned
+
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
         return MemoryUsage(

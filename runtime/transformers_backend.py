@@ -309,6 +309,11 @@ class TransformersBackend:
             self.set_adapters([])
         return loaded
 
+    def pin_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
+        """Load the adapters; this backend never frees a loaded adapter, so each one
+        loaded stays as if pinned."""
+        return self.prefetch_adapters(adapters)
+
     def memory(self) -> MemoryUsage:
         rss, peak = process_memory()
         weights = sum(p.numel() * p.element_size() for p in self.model.parameters())

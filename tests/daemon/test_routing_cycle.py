@@ -180,3 +180,18 @@ def test_layer_scales_of_the_record_reach_the_backend(routed_config: Config):
 
     kept = read_gguf_adapter(derived[0], load_tensors=False).pairs
     assert sorted(kept) == ["blk.0.attn_v.weight"]  # block 1 at 0 is left out
+
+
+def test_pinned_version_stays_loaded(routed_config: Config):
+    registry = AdapterRegistry(routed_config.home / "adapters")
+    geography = registry.pin(registry.serving("geography"), "test")
+    agent = Agent(routed_config)
+    agent.run_cycle()
+    pinned = {e.path for e in agent.backend.adapter_cache.entries() if e.pinned}
+    assert pinned == {geography.gguf_path}
+
+    registry.unpin(geography, "test")
+    agent.run_cycle()
+    pinned = {e.path for e in agent.backend.adapter_cache.entries() if e.pinned}
+    agent.close()
+    assert pinned == set()

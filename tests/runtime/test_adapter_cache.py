@@ -362,3 +362,18 @@ def test_prefetch_skips_an_invalid_file(tiny_gguf, adapters, tmp_path):
 
 def test_read_ahead_of_a_missing_file_is_false(tmp_path):
     assert read_ahead(tmp_path / "gone.gguf") is False
+
+
+def test_pin_adapters_replaces_the_pinned_set(tiny_gguf, adapters, tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf file")
+    backend = open_backend(tiny_gguf, 1)
+    try:
+        # The budget fits one adapter: the second pin does not fit, the broken one fails.
+        assert backend.pin_adapters(use(adapters[0], adapters[1], broken)) == [adapters[0]]
+        assert backend.pin_adapters(use(adapters[1])) == [adapters[1]]
+        assert [e.path for e in backend.adapter_cache.entries() if e.pinned] == [adapters[1]]
+        assert backend.pin_adapters([]) == []
+        assert not any(e.pinned for e in backend.adapter_cache.entries())
+    finally:
+        backend.close()
