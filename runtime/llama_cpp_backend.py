@@ -164,23 +164,13 @@ class LlamaCppBackend:
         """Load the adapters in order into the adapter cache while they fit its budget;
         the files of those that do not fit are read ahead into the page cache. Return
         the files now loaded (derived files for adapters with per-layer scales)."""
-        files = []
-        for adapter in adapters:
-            try:
-                files.append(self._file_of(adapter))
-            except AdapterError as error:
-                log.warning("adapters.prefetch_invalid", path=str(adapter.path), error=str(error))
+        files = self._files_of(adapters, "adapters.prefetch_invalid")
         return self.adapter_cache.prefetch(files, skip_invalid=True)
 
     def pin_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
         """Pin the adapters in the adapter cache, so that eviction never frees them, and
         unpin every other; an adapter that is invalid or over the budget is skipped."""
-        files = []
-        for adapter in adapters:
-            try:
-                files.append(self._file_of(adapter))
-            except AdapterError as error:
-                log.warning("adapters.pin_failed", path=str(adapter.path), error=str(error))
+        files = self._files_of(adapters, "adapters.pin_failed")
         for entry in self.adapter_cache.entries():
             if entry.pinned and entry.path not in files:
                 self.adapter_cache.unpin(entry.path)
@@ -208,6 +198,16 @@ class LlamaCppBackend:
         self.llm.close()
         if self._temporary_dir is not None:
             self._temporary_dir.cleanup()
+
+    def _files_of(self, adapters: Sequence[ActiveAdapter], event: str) -> list[Path]:
+        """Return the files of the adapters that have one; log `event` for the others."""
+        files = []
+        for adapter in adapters:
+            try:
+                files.append(self._file_of(adapter))
+            except AdapterError as error:
+                log.warning(event, path=str(adapter.path), error=str(error))
+        return files
 
     def _file_of(self, adapter: ActiveAdapter) -> Path:
         """Return the file llama.cpp loads for `adapter`: its own, or with per-layer
