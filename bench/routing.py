@@ -392,8 +392,8 @@ def command(args: argparse.Namespace) -> int:
 def _format(result: RoutingAccuracy) -> str:
     held = result.prompts - result.seen_prompts
     lines = [
-        f"profiles from {result.profile}: {result.correct}/{result.prompts} prompts routed to "
-        f"their own domain ({result.accuracy:.1%})",
+        f"profiles from {result.profile}: the nearest profile is the prompt's own domain's "
+        f"for {result.correct}/{result.prompts} prompts ({result.accuracy:.1%})",
     ]
     if result.seen_prompts:
         lines.append(
@@ -412,8 +412,8 @@ def _format(result: RoutingAccuracy) -> str:
         f"to the best other: {_triple(result.best_other_similarity)}"
     )
     lines.append(
-        f"  at floor {result.floor:g}: {result.routed_above_floor} prompts routed, "
-        f"{result.routed_correct_above_floor} of them to their own domain; "
+        f"  at floor {result.floor:g}: {result.routed_above_floor} prompts have a profile at "
+        f"or above it, {result.routed_correct_above_floor} of them their own domain's; "
         f"{result.own_above_floor:.1%} of prompts reach their own profile, "
         f"{result.other_pairs_above_floor:.1%} of (prompt, other profile) pairs pass"
     )

@@ -129,8 +129,8 @@ class RoutingConfig:
     enabled: bool = False
     top_k: int = 2  # at most this many adapters answer one prompt together
     # Cosine similarity between a prompt and an adapter's profile below which the
-    # adapter is not used; with none left, the base answers alone. At 0.4 every task
-    # prompt of the shipped books reaches its own domain's profile, and 8.7% of
+    # adapter is not used; with none left, the base answers alone. At 0.4, 59 of the 60
+    # task prompts of the shipped books reach their own domain's profile, and 5.7% of
     # (prompt, other domain's profile) pairs do (`a3x bench routing`).
     floor: float = 0.4
     temperature: float = 0.05  # of the softmax over similarities that weights the adapters

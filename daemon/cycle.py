@@ -279,6 +279,20 @@ class Agent:
                     {domain: adapter.name for domain, adapter in serving.items()},
                     self.router(serving) if self.config.routing.enabled else None,
                 )
+                planned = {name for task in plan.tasks for name in task.adapters}
+                layered = {
+                    adapter.name: self.active_adapter(adapter).layers
+                    for adapter in serving.values()
+                    if adapter.name in planned
+                }
+                plan = replace(
+                    plan,
+                    layer_scales={
+                        name: scales.to_json()
+                        for name, scales in layered.items()
+                        if scales is not None
+                    },
+                )
             record = replace(record, plan=plan)
 
             with timer("execute"):

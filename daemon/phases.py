@@ -173,9 +173,9 @@ def execute_phase(
             log.warning("cycle.stop_requested", cycle=cycle_id, remaining=remaining)
             return ExecuteRecord(tuple(runs), time.perf_counter() - started, stopped_early=True)
         task = book.by_id(planned.task_id)
-        backend.set_adapters(active_adapters(planned, paths))
-        run = run_task(backend, task, task_seed(base_seed, cycle_id, task))
-        runs.append(replace(run, adapters=planned.adapters, routing=planned.routing))
+        runs.append(
+            run_planned(backend, task, planned, paths, task_seed(base_seed, cycle_id, task))
+        )
 
     samples = []
     sampling = sampling or SamplingPlan()
@@ -190,9 +190,8 @@ def execute_phase(
                 seed=task_seed(base_seed, cycle_id, task) + index,
             )
             planned = by_task.get(task_id, PlannedTask(task_id, task.domain))
-            backend.set_adapters(active_adapters(planned, paths))
-            sample = run_task(backend, replace(task, sampling=params), None, index)
-            samples.append(replace(sample, adapters=planned.adapters, routing=planned.routing))
+            sampled = replace(task, sampling=params)
+            samples.append(run_planned(backend, sampled, planned, paths, None, index))
     backend.set_adapters([])
     return ExecuteRecord(
         tuple(runs),
@@ -211,7 +210,11 @@ def prefetch_planned(
     wanted = [adapters[name] for name in names]
     if not wanted:
         return []
-    loaded = backend.prefetch_adapters(wanted)
+    try:
+        loaded = backend.prefetch_adapters(wanted)
+    except Exception as error:  # a hint only: each task applies its adapters itself
+        log.warning("adapters.prefetch_failed", error=f"{type(error).__name__}: {error}")
+        return []
     log.info("adapters.prefetched", planned=len(wanted), loaded=len(loaded))
     return loaded
 
@@ -234,39 +237,42 @@ def sampling_plan(
     return SamplingPlan(tuple(chosen), samples, temperature)
 
 
+def run_planned(
+    backend: Backend,
+    task: Task,
+    planned: PlannedTask,
+    adapters: dict[str, ActiveAdapter],
+    seed: int | None,
+    sample_index: int = 0,
+) -> Run:
+    """Apply the planned adapters and run the task. Adapters that cannot be applied (a
+    bad file, over the adapter budget) fail this run, not the cycle."""
+    try:
+        backend.set_adapters(active_adapters(planned, adapters))
+    except Exception as error:
+        names = ", ".join(planned.adapters)
+        log.error("task.adapters_failed", task=task.id, adapters=names, error=str(error))
+        message = f"adapters {names} could not be applied: {type(error).__name__}: {error}"
+        run = failed_run(backend, task, sample_index, message)
+    else:
+        run = run_task(backend, task, seed, sample_index)
+    return replace(run, adapters=planned.adapters, routing=planned.routing)
+
+
 def run_task(backend: Backend, task: Task, seed: int | None, sample_index: int = 0) -> Run:
     params = (
         task.sampling
         if seed is None or task.sampling.seed is not None
         else replace(task.sampling, seed=seed)
     )
-    fields: dict[str, Any] = dict(
-        task_id=task.id,
-        domain=task.domain,
-        language=task.language,
-        prompt=task.prompt,
-        sample_index=sample_index,
-    )
     try:
         generation = backend.generate(task.prompt, params)
     except Exception as error:
         log.exception("task.failed", task=task.id)
-        memory = backend.memory()
-        return Run(
-            **fields,
-            text="",
-            prompt_tokens=0,
-            completion_tokens=0,
-            wall_seconds=0.0,
-            tokens_per_second=0.0,
-            finish_reason="error",
-            rss_bytes=memory.rss_bytes,
-            peak_rss_bytes=memory.peak_rss_bytes,
-            error=f"{type(error).__name__}: {error}",
-        )
+        return failed_run(backend, task, sample_index, f"{type(error).__name__}: {error}")
     memory = backend.memory()
     return Run(
-        **fields,
+        **_run_fields(task, sample_index),
         # Stored as UTF-8 in SQLite and Git: lone surrogates become U+FFFD.
         text=generation.text.encode("utf-8", "replace").decode("utf-8"),
         prompt_tokens=generation.prompt_tokens,
@@ -276,6 +282,33 @@ def run_task(backend: Backend, task: Task, seed: int | None, sample_index: int =
         finish_reason=generation.finish_reason,
         rss_bytes=memory.rss_bytes,
         peak_rss_bytes=memory.peak_rss_bytes,
+    )
+
+
+def failed_run(backend: Backend, task: Task, sample_index: int, error: str) -> Run:
+    """Return the run of a task that produced no answer, with its error."""
+    memory = backend.memory()
+    return Run(
+        **_run_fields(task, sample_index),
+        text="",
+        prompt_tokens=0,
+        completion_tokens=0,
+        wall_seconds=0.0,
+        tokens_per_second=0.0,
+        finish_reason="error",
+        rss_bytes=memory.rss_bytes,
+        peak_rss_bytes=memory.peak_rss_bytes,
+        error=error,
+    )
+
+
+def _run_fields(task: Task, sample_index: int) -> dict[str, Any]:
+    return dict(
+        task_id=task.id,
+        domain=task.domain,
+        language=task.language,
+        prompt=task.prompt,
+        sample_index=sample_index,
     )
 
 

@@ -40,6 +40,8 @@ class PlanRecord:
     tasks: tuple[PlannedTask, ...]
     skipped_not_due: int
     reason: str
+    # Per-layer scales of the planned adapters that have them (lora/layers.py JSON).
+    layer_scales: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,7 @@ def _plan_from_json(plan: dict[str, Any]) -> PlanRecord:
         )
         for t in plan["tasks"]
     )
-    return PlanRecord(tasks, plan["skipped_not_due"], plan["reason"])
+    return PlanRecord(tasks, plan["skipped_not_due"], plan["reason"], plan.get("layer_scales", {}))
 
 
 def _execute_from_json(execute: dict[str, Any]) -> ExecuteRecord:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from statistics import fmean
@@ -98,6 +99,8 @@ def _header(record: CycleRecord) -> str:
             f"- Plan: {len(record.plan.tasks)} tasks, {record.plan.reason}; "
             f"{record.plan.skipped_not_due} not due"
         )
+        for name, scales in sorted(record.plan.layer_scales.items()):
+            lines.append(f"- Per-layer scales of {name}: `{json.dumps(scales)}`")
     lines.append("")
     lines.append(
         "Outcomes: `ok`, every task produced a non-empty answer; `degraded`, some did not "
@@ -187,7 +190,7 @@ def _routing(runs: tuple[Run, ...]) -> str:
     for run in routed:
         decision = run.routing or {}
         chosen = ", ".join(
-            f"{a['name']}: {a['weight']:.2f} ({a['similarity']:.2f})" for a in decision["adapters"]
+            f"{a['name']}: {a['weight']:.2f} ({a['similarity']:.3f})" for a in decision["adapters"]
         )
         lines.append(
             f"| {run.task_id} | {run.domain} | {chosen or 'base'} | "
@@ -200,7 +203,7 @@ def _routing_note(decision: dict[str, Any]) -> str:
     notes = [f"{s['adapter']} skipped: {s['reason']}" for s in decision.get("skipped", [])]
     nearest = decision.get("nearest")
     if not decision["adapters"] and nearest and nearest["similarity"] < decision["floor"]:
-        notes.append(f"nearest {nearest['name']} at {nearest['similarity']:.2f} is below the floor")
+        notes.append(f"nearest {nearest['name']} at {nearest['similarity']:.3f} is below the floor")
     if not decision["adapters"] and nearest is None:
         notes.append("no adapter to route to")
     return "; ".join(notes)

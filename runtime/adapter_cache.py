@@ -183,7 +183,8 @@ class AdapterCache:
                 raise AdapterBudgetError(
                     f"pinning {path} ({_mib(size)}) exceeds the adapter budget of "
                     f"{_mib(self.budget_bytes)}: active and pinned adapters already hold "
-                    f"{_mib(others)}; unpin an adapter or raise the adapter budget"
+                    f"{_mib(others)}; unpin an adapter or raise the adapter budget "
+                    "([model] adapter_budget_mb)"
                 )
             self._ensure_resident(key, size, set(self._active) | {key}, detacher=None)
             self._entries[key].pinned = True
@@ -251,7 +252,8 @@ class AdapterCache:
         held = f", and pinned adapters hold {_mib(pinned)}" if pinned else ""
         raise AdapterBudgetError(
             f"{action} needs {_mib(wanted)} ({listed}){held}, but the adapter budget is "
-            f"{_mib(self.budget_bytes)}; raise the adapter budget, unpin adapters or use "
+            f"{_mib(self.budget_bytes)}; raise the adapter budget ([model] adapter_budget_mb), "
+            "unpin adapters or use "
             "fewer or smaller adapters"
         )
 
@@ -287,7 +289,8 @@ class AdapterCache:
                 raise AdapterBudgetError(
                     f"no adapter can be evicted to make room for {_mib(size)}: "
                     f"{_mib(self.resident_bytes)} of the {_mib(self.budget_bytes)} budget are "
-                    "held by active or pinned adapters; unpin adapters or raise the budget"
+                    "held by active or pinned adapters; unpin adapters or raise the budget "
+                    "([model] adapter_budget_mb)"
                 )
             self._drop(victim, reason="budget")
 

@@ -173,9 +173,14 @@ def test_layer_scales_of_the_record_reach_the_backend(routed_config: Config):
     agent = Agent(routed_config)
     record = agent.run_cycle()
     derived = sorted((routed_config.home / "cache/derived-adapters").glob("*.gguf"))
+    page = agent.logbook.cycle_page_path(record.cycle).read_text()
+    stored = agent.logbook.read_cycle(record.cycle)
     agent.close()
     assert any(run.adapters == ("geography/v1",) and run.ok for run in record.runs)
     assert len(derived) == 1
+    scales = {"default": 1.0, "layers": {"1": 0.0}}
+    assert stored.plan.layer_scales == {"geography/v1": scales}
+    assert 'Per-layer scales of geography/v1: `{"default": 1.0, "layers": {"1": 0.0}}`' in page
     from lora.gguf_adapter import read_gguf_adapter
 
     kept = read_gguf_adapter(derived[0], load_tensors=False).pairs
@@ -195,3 +200,24 @@ def test_pinned_version_stays_loaded(routed_config: Config):
     pinned = {e.path for e in agent.backend.adapter_cache.entries() if e.pinned}
     agent.close()
     assert pinned == set()
+
+
+def test_adapter_over_budget_fails_its_tasks_not_the_cycle(routed_config: Config):
+    """Every task here is routed to an adapter, so every run fails with the budget
+    error, but the execute phase runs them all and records each one."""
+    from runtime.loader import open_backend
+
+    def small_budget(config, home):
+        backend = open_backend(config, home)
+        backend.adapter_cache.budget_bytes = 100  # under any adapter's size
+        return backend
+
+    agent = Agent(routed_config, small_budget)
+    record = agent.run_cycle()
+    agent.close()
+    assert record.error is None  # no phase failed
+    assert len(record.runs) == len(record.plan.tasks)
+    for run in record.runs:
+        assert run.adapters
+        assert "could not be applied: AdapterBudgetError" in run.error
+        assert "[model] adapter_budget_mb" in run.error
