@@ -529,7 +529,21 @@ def recover_unfinished(agent: Agent) -> list[int]:
         )
         log.warning("cycle.aborted_recorded", cycle=row.id, commit=commit[:12])
         recovered.append(row.id)
+    _fail_interrupted_candidates(agent.registry)
     return recovered
+
+
+def _fail_interrupted_candidates(registry: AdapterRegistry) -> None:
+    """Mark as failed every candidate left by a retraining round that a stopped process
+    interrupted. Rounds run only inside a cycle, under the cycle lock that the caller
+    holds, so no candidate can belong to a round still running."""
+    from lora.registry import AdapterStatus
+
+    for adapter in registry.all():
+        if adapter.status is AdapterStatus.CANDIDATE:
+            message = "the retraining round was interrupted: the process stopped before the gate"
+            registry.set_status(adapter, AdapterStatus.FAILED, error=message)
+            log.warning("retrain.candidate_interrupted", adapter=adapter.name)
 
 
 def specialization_policy(registry: AdapterRegistry, adapters: list[Adapter]) -> Policy:

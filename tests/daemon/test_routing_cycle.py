@@ -221,3 +221,17 @@ def test_adapter_over_budget_fails_its_tasks_not_the_cycle(routed_config: Config
         assert run.adapters
         assert "could not be applied: AdapterBudgetError" in run.error
         assert "[model] adapter_budget_mb" in run.error
+
+
+def test_candidate_of_an_interrupted_round_marked_failed(routed_config: Config, tiny_gguf: Path):
+    """A candidate is only ever a round in progress; one found at the start of a cycle
+    was left by a process that stopped during its round."""
+    registry = AdapterRegistry(routed_config.home / "adapters")
+    candidate = add_version(registry, "geography", AdapterStatus.CANDIDATE, tiny_gguf, 9, {})
+    agent = Agent(routed_config)
+    agent.run_cycle()
+    agent.close()
+    after = registry.get(candidate.name)
+    assert after.status is AdapterStatus.FAILED
+    assert "round was interrupted" in after.record["error"]
+    assert registry.serving("geography").version == 1  # the accepted version still serves
