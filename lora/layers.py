@@ -115,6 +115,12 @@ class LayerScales:
     def module_factor(self, module: str) -> float:
         return dict(self.modules).get(module, 1.0)
 
+    @property
+    def is_identity(self) -> bool:
+        """Tell whether every factor is 1, so that the scales change nothing."""
+        factors = [self.default, *(f for _, _, f in self.layers), *(f for _, f in self.modules)]
+        return all(factor == 1.0 for factor in factors)
+
     def to_json(self) -> dict[str, Any]:
         """Return the protocol's JSON object; `parse` of it gives these scales back."""
         spec: dict[str, Any] = {"default": self.default}

@@ -228,6 +228,11 @@ class AdapterRegistry:
         gguf = read_gguf_adapter(adapter.gguf_path, load_tensors=False)
         blocks = [block for block in map(block_of, gguf.pairs) if block is not None]
         factors = tensor_factors(gguf, scales, max(blocks, default=-1) + 1)
+        if scales.is_identity:
+            raise LayerScalesError(
+                f"the layer scales set every factor of {adapter.name} to 1, which changes "
+                "nothing; clear them instead (`a3x adapters layers NAME --clear`)"
+            )
         if not any(factors.values()):
             raise LayerScalesError(
                 f"the layer scales set every tensor of {adapter.name} to 0; deactivate the "

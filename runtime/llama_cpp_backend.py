@@ -213,7 +213,7 @@ class LlamaCppBackend:
         """Return the file llama.cpp loads for `adapter`: its own, or with per-layer
         scales the derived file, made once per file version and scales."""
         path = Path(os.path.abspath(adapter.path))
-        if adapter.layers is None:
+        if adapter.layers is None or adapter.layers.is_identity:
             return path
         from lora.layers import LayerScalesError, derive_adapter
 

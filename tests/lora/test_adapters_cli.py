@@ -161,10 +161,11 @@ def test_layer_scales_set_shown_and_cleared(env, home):
         ('{"modules": {"attn_q": 2}}', "module 'attn_q' in the layer scales is not modified"),
         ('{"layers": {"0-9": 1}}', "the model has blocks 0-1"),
         ('{"default": 0}', "set every tensor of geography/v1 to 0"),
+        ("{}", "set every factor of geography/v1 to 1, which changes nothing"),
         ('{"layers": [1]}', "'layers' in the layer scales must be an object"),
         ("{oops", "layer scales are not valid JSON"),
     ],
-    ids=["module", "block", "all-zero", "shape", "json"],
+    ids=["module", "block", "all-zero", "identity", "shape", "json"],
 )
 def test_bad_layer_scales_rejected_record_kept(env, home, spec, message):
     path = home / "adapters/geography/v1/record.json"

@@ -77,7 +77,11 @@ def test_backends_agree_with_layer_scales(llama, torch_backend, adapter, layers)
 
 
 def test_unit_scales_equal_the_plain_adapter(llama, torch_backend, adapter):
-    ones = LayerScales.parse({"default": 1.0})
+    ones = LayerScales.parse({"default": 1.0, "modules": {"attn_v": 1}})
+    assert ones.is_identity
+    assert not HALF_FIRST_BLOCK.is_identity
+    # llama.cpp loads the source file itself: no derived copy for scales of 1.
+    assert llama._file_of(ActiveAdapter(adapter["gguf"], 1.0, layers=ones)) == adapter["gguf"]
     for backend, path in ((llama, adapter["gguf"]), (torch_backend, adapter["peft"])):
         plain = likelihoods(backend, [ActiveAdapter(path, 0.7)])
         layered = likelihoods(backend, [ActiveAdapter(path, 0.7, layers=ones)])
