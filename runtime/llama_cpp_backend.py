@@ -161,15 +161,15 @@ class LlamaCppBackend:
         self._reset_context()
 
     def prefetch_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
-        """Load the adapters in order into the adapter cache while they fit its budget;
-        the files of those that do not fit are read ahead into the page cache. Return
-        the files now loaded (derived files for adapters with per-layer scales)."""
+        """Load the adapters in order into the adapter cache while they fit its budget.
+        The files of those that do not fit are read ahead into the page cache. Return
+        the files now loaded, derived files for adapters with per-layer scales."""
         files = self._files_of(adapters, "adapters.prefetch_invalid")
         return self.adapter_cache.prefetch(files, skip_invalid=True)
 
     def pin_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
         """Pin the adapters in the adapter cache, so that eviction never frees them, and
-        unpin every other; an adapter that is invalid or over the budget is skipped."""
+        unpin every other. An adapter that is invalid or over the budget is skipped."""
         files = self._files_of(adapters, "adapters.pin_failed")
         for entry in self.adapter_cache.entries():
             if entry.pinned and entry.path not in files:
