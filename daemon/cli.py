@@ -439,6 +439,10 @@ def command_status(args: argparse.Namespace) -> int:
             "backend": config.model.backend,
         },
         "schedule_interval_minutes": config.schedule.interval_minutes,
+        "adapters": {
+            "routing": config.routing.enabled,
+            "budget_mb": config.model.adapter_budget_mb,
+        },
     }
     book = load_books(config.tasks.books)
     status["tasks"] = len(book.tasks)
@@ -470,6 +474,8 @@ def command_status(args: argparse.Namespace) -> int:
     default = " (default: Gemma 3 270M Q4_K_M)" if status["model"]["default"] else ""
     print(f"model:    {status['model']['path']}{default} via {status['model']['backend']}")
     print(f"schedule: every {config.schedule.interval_minutes:g} min")
+    routing = "by prompt similarity" if config.routing.enabled else "each domain's serving version"
+    print(f"adapters: {routing}; budget {config.model.adapter_budget_mb} MiB")
     print(
         f"tasks:    {status['tasks']} in {len(status['domains'])} domains "
         f"({', '.join(status['domains'])})"

@@ -205,6 +205,14 @@ def test_bad_arguments_rejected(env, args, expected):
     assert not (Path(env["A3X_HOME"]) / "journal" / "cycles").exists()
 
 
+def test_status_shows_routing_and_budget(env):
+    settings = {**env, "A3X_ROUTING__ENABLED": "true", "A3X_MODEL__ADAPTER_BUDGET_MB": "64"}
+    text = a3x(settings, "status").stdout
+    assert "adapters: by prompt similarity; budget 64 MiB" in text
+    status = json.loads(a3x(env, "status", "--json").stdout)
+    assert status["adapters"] == {"routing": False, "budget_mb": 256}
+
+
 def test_status_on_file_home(env, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
