@@ -565,6 +565,14 @@ def command_failures(args: argparse.Namespace) -> int:
     config = _config(args)
     logbook = _existing_logbook(Home(config.home))
     found = failures(logbook, since=args.since, domain=args.domain)
+    if args.domain and not found:
+        # A domain no longer in the task book may still have failures in the journal.
+        domains = sorted(load_books(config.tasks.books).domains)
+        if args.domain not in domains:
+            raise StateError(
+                f"no domain '{args.domain}' in the task book or the failures; "
+                f"known: {', '.join(domains)}"
+            )
     if args.json:
         print(json.dumps([f.__dict__ for f in found], indent=2, ensure_ascii=False))
         return EXIT_OK

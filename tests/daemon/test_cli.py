@@ -213,6 +213,16 @@ def test_status_shows_routing_and_budget(env):
     assert status["adapters"] == {"routing": False, "budget_mb": 256}
 
 
+def test_failures_of_unknown_domain_rejected(env):
+    a3x(env, "cycle")
+    result = a3x(env, "failures", "--domain", "nope")
+    assert result.returncode == 2
+    assert "no domain 'nope' in the task book or the failures; known: " in result.stderr
+    known = a3x(env, "failures", "--domain", "geography")
+    assert known.returncode == 0
+    assert "no failures recorded" in known.stdout
+
+
 def test_status_on_file_home(env, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
