@@ -202,11 +202,19 @@ class AdapterRegistry:
         return self._change(adapter, "deactivate", by, _set_owner(False))
 
     def pin(self, adapter: Adapter, by: str | None = None) -> Adapter:
+        """Pin a version; one already pinned keeps its pin and its history unchanged."""
         _require_settled(adapter, "be pinned")
-        return self._change(adapter, "pin", by, _pin)
+        fresh = self._reread(adapter)
+        if fresh.pinned:
+            return fresh
+        return self._change(fresh, "pin", by, _pin)
 
     def unpin(self, adapter: Adapter, by: str | None = None) -> Adapter:
-        return self._change(adapter, "unpin", by, _unpin)
+        """Unpin a version; one not pinned is left unchanged."""
+        fresh = self._reread(adapter)
+        if not fresh.pinned:
+            return fresh
+        return self._change(fresh, "unpin", by, _unpin)
 
     def set_layer_scales(
         self, adapter: Adapter, scales: LayerScales | None, by: str | None = None
@@ -215,7 +223,10 @@ class AdapterRegistry:
         against the modules and blocks its GGUF file modifies."""
         _require_settled(adapter, "get layer scales")
         if scales is None:
-            return self._change(adapter, "clear layer scales", by, _clear_layer_scales)
+            fresh = self._reread(adapter)
+            if "layer_scales" not in fresh.record:
+                return fresh
+            return self._change(fresh, "clear layer scales", by, _clear_layer_scales)
         from lora.gguf_adapter import read_gguf_adapter
         from lora.layers import LayerScalesError, tensor_factors
         from lora.names import block_of

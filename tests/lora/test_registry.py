@@ -94,6 +94,16 @@ def test_pin_blocks_removal(geography):
     assert [a.name for a in geography.pinned()] == ["geography/v1"]
 
 
+def test_repeated_pin_and_unpin_change_nothing(geography):
+    first = geography.pin(geography.get("geography/v1"), by="alice")
+    again = geography.pin(geography.get("geography/v1"), by="bob")
+    assert again.record == first.record  # still alice's pin, one history entry
+    assert [e["action"] for e in again.record["owner_history"]] == ["pin"]
+    geography.unpin(again, by="alice")
+    unpinned = geography.unpin(geography.get("geography/v1"), by="alice")
+    assert [e["action"] for e in unpinned.record["owner_history"]] == ["pin", "unpin"]
+
+
 def test_serving_version_not_removed(geography):
     with pytest.raises(LoraError, match="it serves its domain .* or pass --force"):
         geography.remove(geography.get("geography/v3"))
