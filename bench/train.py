@@ -54,7 +54,7 @@ from bench.train_step import (
     BenchmarkError,
     PreparedData,
     a3x_spec,
-    default_cache_dir,
+    add_model_arguments,
     machine_summary,
     positive_int,
     run_child,
@@ -333,14 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated sides to run, {REFERENCE} included (default: "
         f"{','.join(SIDE_NAMES)})",
     )
-    parser.add_argument("--model", type=Path, help="GGUF file (default: the bundled Gemma 3 270M)")
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=default_cache_dir(),
-        help="folder for the dequantized base, reused by later runs (default: %(default)s)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_model_arguments(parser)
 
 
 def positive_float(text: str) -> float:

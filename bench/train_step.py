@@ -176,6 +176,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.repeats,
         help="runs per variant, alternating A3X and baseline",
     )
+    add_model_arguments(parser)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options that training benchmarks share: the model, its cache, JSON output."""
     parser.add_argument("--model", type=Path, help="GGUF file (default: the bundled Gemma 3 270M)")
     parser.add_argument(
         "--cache-dir",

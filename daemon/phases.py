@@ -163,10 +163,10 @@ def execute_phase(
     in `adapters`, whose scale the plan sets); a failing task is recorded, not raised."""
     started = time.perf_counter()
     runs: list[Run] = []
-    paths = adapters or {}
+    by_name = adapters or {}
     by_task = {planned.task_id: planned for planned in plan.tasks}
     backend.set_adapters([])
-    prefetch_planned(backend, plan, paths)
+    prefetch_planned(backend, plan, by_name)
     for planned in plan.tasks:
         if stop.is_set():
             remaining = len(plan.tasks) - len(runs)
@@ -174,7 +174,7 @@ def execute_phase(
             return ExecuteRecord(tuple(runs), time.perf_counter() - started, stopped_early=True)
         task = book.by_id(planned.task_id)
         runs.append(
-            run_planned(backend, task, planned, paths, task_seed(base_seed, cycle_id, task))
+            run_planned(backend, task, planned, by_name, task_seed(base_seed, cycle_id, task))
         )
 
     samples = []
@@ -191,7 +191,7 @@ def execute_phase(
             )
             planned = by_task.get(task_id, PlannedTask(task_id, task.domain))
             sampled = replace(task, sampling=params)
-            samples.append(run_planned(backend, sampled, planned, paths, None, index))
+            samples.append(run_planned(backend, sampled, planned, by_name, None, index))
     backend.set_adapters([])
     return ExecuteRecord(
         tuple(runs),
@@ -207,15 +207,15 @@ def prefetch_planned(
     """Load the adapters the plan uses, in the order of first use, before the first
     task; return the files loaded. A switch between tasks then finds them in memory."""
     names = dict.fromkeys(name for planned in plan.tasks for name in planned.adapters)
-    wanted = [adapters[name] for name in names]
-    if not wanted:
+    to_load = [adapters[name] for name in names]
+    if not to_load:
         return []
     try:
-        loaded = backend.prefetch_adapters(wanted)
+        loaded = backend.prefetch_adapters(to_load)
     except Exception as error:  # a hint only: each task applies its adapters itself
         log.warning("adapters.prefetch_failed", error=f"{type(error).__name__}: {error}")
         return []
-    log.info("adapters.prefetched", planned=len(wanted), loaded=len(loaded))
+    log.info("adapters.prefetched", planned=len(to_load), loaded=len(loaded))
     return loaded
 
 
@@ -286,7 +286,7 @@ def run_task(backend: Backend, task: Task, seed: int | None, sample_index: int =
 
 
 def failed_run(backend: Backend, task: Task, sample_index: int, error: str) -> Run:
-    """Return the run of a task that produced no answer, with its error."""
+    """Return the run of a task that failed, with its error and no text."""
     memory = backend.memory()
     return Run(
         **_run_fields(task, sample_index),

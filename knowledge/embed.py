@@ -105,8 +105,8 @@ def routing_embedder(model_path: Path | None = None) -> Embedder:
 
 
 def _quantize_linears(model: object) -> bool:
-    """Quantize the model's linear layers to int8 in place; return False, leaving them
-    in float32, when this torch build has no quantized engine for the CPU."""
+    """Quantize the model's linear layers to int8 in place and return True. Return
+    False, leaving them in float32, when this torch build has no quantized CPU engine."""
     import warnings
 
     import torch

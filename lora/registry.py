@@ -90,7 +90,8 @@ class Adapter:
     @property
     def layer_scales(self) -> LayerScales | None:
         """The owner's per-layer scales (lora/layers.py), applied wherever this version
-        is used; None for none. Raises LayerScalesError for a malformed record entry."""
+        is used, or None when none are set. Raises LayerScalesError for a malformed
+        record entry."""
         entry = self.record.get("layer_scales")
         if not isinstance(entry, dict):
             return None
@@ -202,7 +203,7 @@ class AdapterRegistry:
         return self._change(adapter, "deactivate", by, _set_owner(False))
 
     def pin(self, adapter: Adapter, by: str | None = None) -> Adapter:
-        """Pin a version; one already pinned keeps its pin and its history unchanged."""
+        """Pin a version. One already pinned keeps its pin and its history unchanged."""
         _require_settled(adapter, "be pinned")
         fresh = self._reread(adapter)
         if fresh.pinned:
@@ -210,7 +211,7 @@ class AdapterRegistry:
         return self._change(fresh, "pin", by, _pin)
 
     def unpin(self, adapter: Adapter, by: str | None = None) -> Adapter:
-        """Unpin a version; one not pinned is left unchanged."""
+        """Unpin a version. One not pinned is left unchanged."""
         fresh = self._reread(adapter)
         if not fresh.pinned:
             return fresh

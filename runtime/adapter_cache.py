@@ -346,7 +346,7 @@ class _Once:
 
 def read_ahead(path: Path) -> bool:
     """Ask the kernel to read a file into the page cache in the background
-    (posix_fadvise WILLNEED); return False where that is not possible."""
+    (posix_fadvise WILLNEED). Return False where that is not possible."""
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:  # not on macOS
         return False

@@ -200,7 +200,7 @@ class LlamaCppBackend:
             self._temporary_dir.cleanup()
 
     def _files_of(self, adapters: Sequence[ActiveAdapter], event: str) -> list[Path]:
-        """Return the files of the adapters that have one; log `event` for the others."""
+        """Return the files of the adapters that have one, logging `event` for the others."""
         files = []
         for adapter in adapters:
             try:
@@ -220,7 +220,7 @@ class LlamaCppBackend:
         try:
             stat = path.stat()
         except OSError as error:
-            raise AdapterError(f"adapter {path} cannot be read: {error}") from error
+            raise AdapterError(f"adapter {path} could not be read: {error}") from error
         key = (path, (stat.st_size, stat.st_mtime_ns), adapter.layers)
         derived = self._derived.get(key)
         if derived is not None and derived.exists():

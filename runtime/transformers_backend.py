@@ -20,7 +20,13 @@ import structlog
 import torch
 
 from runtime.backend import ActiveAdapter, Generation, LogLikelihood, MemoryUsage, SamplingParams
-from runtime.gguf_file import ModelFileError, check_model_file, inspect_gguf, sha256_of_file
+from runtime.gguf_file import (
+    GGUFInfo,
+    ModelFileError,
+    check_model_file,
+    inspect_gguf,
+    sha256_of_file,
+)
 from runtime.memory import process_memory
 
 if TYPE_CHECKING:
@@ -157,6 +163,7 @@ class TransformersBackend:
         self._active: tuple[Any, ...] = ()  # (adapters, combination, density) now applied
         self._mixed: tuple[Any, ...] | None = None  # (key, adapter_name) of the mixed adapter
         self._mixes = 0  # mixed adapters made so far, for unique names
+        self._info: GGUFInfo | None = None  # the model file's header, once needed
 
     @torch.inference_mode()
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
@@ -290,8 +297,8 @@ class TransformersBackend:
                 scaling[mixed] = 1.0
 
     def prefetch_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
-        """Load the PEFT adapters without changing which are applied; this backend
-        keeps every loaded adapter, so there is no budget to stay within."""
+        """Load the PEFT adapters without changing which are applied. This backend
+        keeps every loaded adapter, so it has no budget to stay within."""
         loaded = []
         for adapter in adapters:
             try:
@@ -310,8 +317,8 @@ class TransformersBackend:
         return loaded
 
     def pin_adapters(self, adapters: Sequence[ActiveAdapter]) -> list[Path]:
-        """Load the adapters; this backend never frees a loaded adapter, so each one
-        loaded stays as if pinned."""
+        """Load the adapters. This backend never frees a loaded adapter, so each one
+        stays loaded as if pinned."""
         return self.prefetch_adapters(adapters)
 
     def memory(self) -> MemoryUsage:
@@ -374,7 +381,7 @@ class TransformersBackend:
     def _scale_rules(
         self, names: list[str], adapters: Sequence[ActiveAdapter]
     ) -> dict[str, list[tuple[float, dict[str, float] | None]]]:
-        """Return, per adapter name, its (scale, factor per module) terms; an adapter
+        """Return, per adapter name, its (scale, factor per module) terms. An adapter
         listed twice is applied with the sum, as llama.cpp applies it."""
         rules: dict[str, list[tuple[float, dict[str, float] | None]]] = {}
         for name, adapter in zip(names, adapters, strict=True):
@@ -383,6 +390,13 @@ class TransformersBackend:
                 factors = self._layer_factors(name, adapter.path, adapter.layers)
             rules.setdefault(name, []).append((adapter.scale, factors))
         return rules
+
+    def _gguf_info(self) -> GGUFInfo:
+        """Return the GGUF header of the model file, read once (every switch to an
+        adapter with per-layer scales needs its architecture and block count)."""
+        if self._info is None:
+            self._info = inspect_gguf(self.model_path)
+        return self._info
 
     def _layer_factors(self, name: str, source: Path, scales: LayerScales) -> dict[str, float]:
         """Return the per-layer factor of each module the adapter `name` modifies, by
@@ -395,7 +409,7 @@ class TransformersBackend:
                 f"per-layer scales of {source} name GGUF tensors, so they need a GGUF "
                 f"model path; {self.model_path} is a folder"
             )
-        info = inspect_gguf(self.model_path)
+        info = self._gguf_info()
         blocks = info.block_count or 0
         modules = [m for m, scalings in self._base_scaling.items() if name in scalings]
         targets = {}

@@ -183,8 +183,8 @@ def test_layer_scales_of_the_record_reach_the_backend(routed_config: Config):
     assert 'Per-layer scales of geography/v1: `{"default": 1.0, "layers": {"1": 0.0}}`' in page
     from lora.gguf_adapter import read_gguf_adapter
 
-    kept = read_gguf_adapter(derived[0], load_tensors=False).pairs
-    assert sorted(kept) == ["blk.0.attn_v.weight"]  # block 1 at 0 is left out
+    targets = read_gguf_adapter(derived[0], load_tensors=False).pairs
+    assert sorted(targets) == ["blk.0.attn_v.weight"]  # block 1 at 0 is left out
 
 
 def test_pinned_version_stays_loaded(routed_config: Config):
@@ -202,7 +202,7 @@ def test_pinned_version_stays_loaded(routed_config: Config):
     assert pinned == set()
 
 
-def test_adapter_over_budget_fails_its_tasks_not_the_cycle(routed_config: Config):
+def test_over_budget_fails_tasks_only(routed_config: Config):
     """Every task here is routed to an adapter, so every run fails with the budget
     error, but the execute phase runs them all and records each one."""
     from runtime.loader import open_backend
@@ -224,8 +224,8 @@ def test_adapter_over_budget_fails_its_tasks_not_the_cycle(routed_config: Config
 
 
 def test_candidate_of_an_interrupted_round_marked_failed(routed_config: Config, tiny_gguf: Path):
-    """A candidate is only ever a round in progress; one found at the start of a cycle
-    was left by a process that stopped during its round."""
+    """A candidate exists only while its round runs. So one found at the start of a
+    cycle was left by a process that stopped during its round."""
     registry = AdapterRegistry(routed_config.home / "adapters")
     candidate = add_version(registry, "geography", AdapterStatus.CANDIDATE, tiny_gguf, 9, {})
     agent = Agent(routed_config)

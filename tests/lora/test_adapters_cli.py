@@ -144,8 +144,8 @@ def test_layer_scales_set_shown_and_cleared(env, home):
     assert record["owner_history"][-1]["action"] == "set layer scales"
     assert record["schema_version"] == 2  # an A3X that would ignore the scales rejects it
 
-    shown = json.loads(a3x(env, "adapters", "layers", "geography/v1", "--json").stdout)
-    assert shown == {"adapter": "geography/v1", "layer_scales": stored["scales"]}
+    printed = json.loads(a3x(env, "adapters", "layers", "geography/v1", "--json").stdout)
+    assert printed == {"adapter": "geography/v1", "layer_scales": stored["scales"]}
     assert "per-layer scales" in a3x(env, "adapters", "show", "geography/v1").stdout
 
     cleared = a3x(env, "adapters", "layers", "geography/v1", "--clear")

@@ -218,7 +218,7 @@ def test_profile_of_other_embedder_rebuilt_from_stored_texts(registry, embedder)
 
 def test_profile_without_embedder_is_legacy(registry, embedder):
     """A profile written before profile.json named its embedder was made by float32
-    MiniLM at 256 word pieces; the int8 router builds it again from the task book."""
+    MiniLM at 256 word pieces. The int8 router builds it again from the task book."""
     adapter = registry.serving("code")
     build_profile(adapter, GROUPS["code"], embedder, SOURCE_TRAINING_SET)
     info_path = adapter.folder / PROFILE_INFO_FILE

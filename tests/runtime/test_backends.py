@@ -8,26 +8,12 @@ from pathlib import Path
 import pytest
 
 from runtime.backend import ActiveAdapter, Backend, SamplingParams
-from runtime.llama_cpp_backend import AdapterError, LlamaCppBackend
+from runtime.llama_cpp_backend import AdapterError
 from runtime.transformers_backend import AdapterLoadError, TransformersBackend
 from tests.runtime.lora_fixtures import lora_weights, write_gguf_adapter, write_peft_adapter
 
 TEXT = "the capital of france is paris and the river is long"
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, repeat_penalty=1.0)
-
-
-@pytest.fixture(scope="module")
-def llama(tiny_gguf: Path):
-    backend = LlamaCppBackend(tiny_gguf, n_ctx=512, threads=1)
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="module")
-def transformers_backend(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
-    backend = TransformersBackend(tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"), threads=1)
-    yield backend
-    backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +29,9 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict:
     }
 
 
-def test_backends_implement_protocol(llama, transformers_backend):
+def test_backends_implement_protocol(llama, torch_backend):
     assert isinstance(llama, Backend)
-    assert isinstance(transformers_backend, Backend)
+    assert isinstance(torch_backend, Backend)
 
 
 def test_llama_greedy_generation_repeats(llama):
@@ -69,9 +55,9 @@ def test_llama_stop_string_cuts_answer(llama):
     assert cut.finish_reason == "stop"
 
 
-def test_log_likelihood_agrees_across_backends(llama, transformers_backend):
+def test_log_likelihood_agrees_across_backends(llama, torch_backend):
     # Same GGUF weights in F32: llama.cpp and torch must agree closely.
-    reference = transformers_backend.log_likelihood(TEXT)
+    reference = torch_backend.log_likelihood(TEXT)
     measured = llama.log_likelihood(TEXT)
     assert measured.tokens == reference.tokens
     assert measured.total == pytest.approx(reference.total, rel=1e-4)
@@ -114,30 +100,30 @@ def test_adapter_scale_zero_is_base(llama, adapters):
 
 
 @pytest.mark.parametrize("scales", [(1.0,), (0.5, -0.7)])
-def test_adapters_agree_across_backends(llama, transformers_backend, adapters, scales):
+def test_adapters_agree_across_backends(llama, torch_backend, adapters, scales):
     chosen = range(len(scales))
     llama.set_adapters(
         [ActiveAdapter(adapters["gguf"][i], s) for i, s in zip(chosen, scales, strict=True)]
     )
-    transformers_backend.set_adapters(
+    torch_backend.set_adapters(
         [ActiveAdapter(adapters["peft"][i], s) for i, s in zip(chosen, scales, strict=True)]
     )
     try:
         measured = llama.log_likelihood(TEXT).total
-        reference = transformers_backend.log_likelihood(TEXT).total
+        reference = torch_backend.log_likelihood(TEXT).total
     finally:
         llama.set_adapters([])
-        transformers_backend.set_adapters([])
+        torch_backend.set_adapters([])
     assert measured == pytest.approx(reference, rel=1e-4)
 
 
-def test_transformers_adapters_cleared(transformers_backend, adapters):
-    base = transformers_backend.log_likelihood(TEXT).total
-    transformers_backend.set_adapters([ActiveAdapter(adapters["peft"][0], 1.0)])
-    adapted = transformers_backend.log_likelihood(TEXT).total
-    transformers_backend.set_adapters([])
+def test_transformers_adapters_cleared(torch_backend, adapters):
+    base = torch_backend.log_likelihood(TEXT).total
+    torch_backend.set_adapters([ActiveAdapter(adapters["peft"][0], 1.0)])
+    adapted = torch_backend.log_likelihood(TEXT).total
+    torch_backend.set_adapters([])
     assert adapted != pytest.approx(base, abs=1e-3)
-    assert transformers_backend.log_likelihood(TEXT).total == pytest.approx(base, abs=1e-9)
+    assert torch_backend.log_likelihood(TEXT).total == pytest.approx(base, abs=1e-9)
 
 
 def test_llama_rejects_model_file_as_adapter(llama, tiny_gguf):
@@ -151,16 +137,16 @@ def test_llama_rejects_adapter_for_other_architecture(llama, adapters, tmp_path)
         llama.set_adapters([ActiveAdapter(other)])
 
 
-def test_transformers_rejects_gguf_adapter(transformers_backend, adapters):
+def test_transformers_rejects_gguf_adapter(torch_backend, adapters):
     with pytest.raises(AdapterLoadError, match="not a PEFT adapter folder"):
-        transformers_backend.set_adapters([ActiveAdapter(adapters["gguf"][0])])
+        torch_backend.set_adapters([ActiveAdapter(adapters["gguf"][0])])
 
 
-def test_transformers_stop_string(transformers_backend):
-    full = transformers_backend.generate("the capital of france is", GREEDY).text
+def test_transformers_stop_string(torch_backend):
+    full = torch_backend.generate("the capital of france is", GREEDY).text
     assert full
     stop = full[len(full) // 2]
-    cut = transformers_backend.generate(
+    cut = torch_backend.generate(
         "the capital of france is",
         SamplingParams(temperature=0.0, max_tokens=12, repeat_penalty=1.0, stop=(stop,)),
     )

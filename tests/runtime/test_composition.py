@@ -33,20 +33,6 @@ KL_MAX = 1e-5
 
 
 @pytest.fixture(scope="module")
-def llama(tiny_gguf: Path):
-    backend = LlamaCppBackend(tiny_gguf, n_ctx=512, threads=1)
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="module")
-def torch_backend(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
-    backend = TransformersBackend(tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"), threads=1)
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
     folder = tmp_path_factory.mktemp("adapters")
     weights = [lora_weights(seed=seed) for seed in (11, 12, 13)]

@@ -14,7 +14,7 @@ from lora.layers import LayerScales
 from runtime.backend import ActiveAdapter
 from runtime.gguf_file import check_model_file
 from runtime.llama_cpp_backend import AdapterError, LlamaCppBackend
-from runtime.transformers_backend import AdapterLoadError, TransformersBackend
+from runtime.transformers_backend import AdapterLoadError
 
 TEXTS = (
     "the capital of france is paris and the river is long",
@@ -39,13 +39,6 @@ def adapter(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 def llama(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
     derived = tmp_path_factory.mktemp("derived")
     backend = LlamaCppBackend(tiny_gguf, n_ctx=512, threads=1, derived_dir=derived)
-    yield backend
-    backend.close()
-
-
-@pytest.fixture(scope="module")
-def torch_backend(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory):
-    backend = TransformersBackend(tiny_gguf, cache_dir=tmp_path_factory.mktemp("cache"), threads=1)
     yield backend
     backend.close()
 
@@ -129,7 +122,7 @@ def test_unknown_module_rejected_by_both(llama, torch_backend, adapter):
     torch_backend.set_adapters([])
 
 
-def test_block_out_of_range_rejected_by_both(llama, torch_backend, adapter):
+def test_out_of_range_block_rejected(llama, torch_backend, adapter):
     layers = LayerScales.parse({"layers": {"2-5": 0.5}})
     with pytest.raises(AdapterError, match="the model has blocks 0-1"):
         llama.set_adapters([ActiveAdapter(adapter["gguf"], 1.0, layers=layers)])
